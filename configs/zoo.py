@@ -1,0 +1,121 @@
+"""The zoo: named hybrid architectures, each in the sizes tiny (tests), small (~20M), base (~125M), large (~1B).
+
+An architecture is a repeating block pattern plus the fields that differ from the shared size table; a size is the
+shared width/depth. `zoo_config("qwen3-next-style", "small", vocab_size=8000)` gives a `HybridConfig`; any
+`HybridConfig` field can be overridden. Parameter counts and per-sequence state sizes are computed from the config
+(`describe`), and the tests check them against an instantiated model and a filled cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hybridzoo.modeling.blocks import BLOCK_LETTERS
+from hybridzoo.modeling.configuration_hybrid import HybridConfig
+
+
+@dataclass(frozen=True)
+class Architecture:
+    pattern: str  # block letters, cycled over the depth (see HybridConfig's docstring for the letters)
+    summary: str
+    source: str
+    fields: dict = field(default_factory=dict)  # HybridConfig fields this architecture sets on top of the size
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "transformer": Architecture(
+        "A", "all softmax attention: the Llama-style baseline", "Touvron et al. 2023, LLaMA (arXiv 2302.13971)"
+    ),
+    "gated-deltanet": Architecture(
+        "G", "all Gated DeltaNet", "Yang, Kautz & Hatamizadeh, ICLR 2025 (arXiv 2412.06464)"
+    ),
+    "lstm": Architecture("L", "all classic LSTM", "Hochreiter & Schmidhuber 1997, Neural Computation 9(8)"),
+    "qwen3-next-style": Architecture(
+        "GGGA",
+        "3 Gated DeltaNet : 1 full attention, GVA value heads",
+        "Qwen3-Next (Qwen team 2025; transformers' Qwen3NextConfig layer layout)",
+        {"linear_value_heads_factor": 2},
+    ),
+    "lstm-attention": Architecture(
+        "LLLA", "LSTM layers with full attention every 4th layer", "the LSTM analogue of the 3:1 hybrids above"
+    ),
+    "griffin-style": Architecture(
+        "RRS",
+        "2 RG-LRU : 1 sliding-window attention",
+        "De et al. 2024, Griffin (arXiv 2402.19427); RecurrentGemma",
+        {"sliding_window": 2048},
+    ),
+    "xlstm": Architecture(
+        "MMMMMMMX", "mLSTM with sLSTM at 7:1", "Beck et al. 2024, xLSTM (arXiv 2405.04517), the xLSTM[7:1] model"
+    ),
+}
+
+# shared widths and depths; `num_attention_heads` also sets the recurrent blocks' head counts by default
+SIZES: dict[str, dict] = {
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        sliding_window_cap=64,
+    ),
+    "small": dict(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    ),
+    "base": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "large": dict(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=8192,
+    ),
+}
+
+
+def _unknown(kind: str, name: str, known) -> ValueError:
+    return ValueError(f"Unknown zoo {kind} {name!r}; choose one of: {', '.join(known)}.")
+
+
+def zoo_config(name: str, size: str = "small", **overrides) -> HybridConfig:
+    """The `HybridConfig` of zoo architecture `name` at `size`, with any config field overridden."""
+    if name not in ARCHITECTURES:
+        raise _unknown("architecture", name, ARCHITECTURES)
+    if size not in SIZES:
+        raise _unknown("size", size, SIZES)
+    architecture = ARCHITECTURES[name]
+    fields = dict(SIZES[size])
+    window_cap = fields.pop("sliding_window_cap", None)
+    extra = dict(architecture.fields)
+    value_heads_factor = extra.pop("linear_value_heads_factor", 1)
+    fields.update(extra)
+    if window_cap is not None and "sliding_window" in fields:
+        fields["sliding_window"] = min(fields["sliding_window"], window_cap)
+    fields["linear_num_value_heads"] = fields["num_attention_heads"] * value_heads_factor
+    fields.update(overrides)
+    if "block_types" not in overrides and "block_pattern" not in overrides:
+        depth = fields["num_hidden_layers"]
+        fields["block_types"] = [
+            BLOCK_LETTERS[architecture.pattern[i % len(architecture.pattern)]] for i in range(depth)
+        ]
+    return HybridConfig(**fields)

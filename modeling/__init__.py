@@ -1,0 +1,14 @@
+"""hybridzoo's model code. This flat folder is also the remote code saved next to every model's weights."""
+
+from .cache_hybrid import HybridCache
+from .configuration_hybrid import HybridConfig
+from .modeling_hybrid import HybridForCausalLM, HybridForSequenceClassification, HybridModel, HybridPreTrainedModel
+
+__all__ = [
+    "HybridCache",
+    "HybridConfig",
+    "HybridForCausalLM",
+    "HybridForSequenceClassification",
+    "HybridModel",
+    "HybridPreTrainedModel",
+]

@@ -1,0 +1,116 @@
+"""Gated DeltaNet block (Yang, Kautz & Hatamizadeh, ICLR 2025) laid out as in Qwen3-Next / Qwen3.5.
+
+x -> q, k, v projections -> causal depthwise conv(K) + SiLU -> L2-normalised q, k -> gated delta rule with
+beta = sigmoid(b) and decay g = -exp(A_log) * softplus(a + dt_bias) -> per-head RMSNorm gated by silu(z) -> o_proj.
+
+State per sequence: the conv window `[K - 1, 2 Hk Dk + Hv Dv]` and the delta-rule matrix `[Hv, Dk, Dv]` (float32).
+More value heads than key heads (GVA, as in Qwen3-Next) share each q/k head among `Hv / Hk` value heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers.initialization as init
+from torch import nn
+from torch.nn import functional as F
+
+from .layers import HybridRMSNormGated
+from .ops_conv import causal_conv1d
+from .ops_gated_delta import gated_delta_rule
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Unit-normalise the last dim; keeps beta * |k|^2 < 2 so the delta rule cannot explode."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class HybridGatedDeltaNet(nn.Module):
+    layer_type = "linear_attention"
+    pattern_letter = "G"
+    is_recurrent = True
+
+    def __init__(self, config, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_k_heads = config.linear_num_key_heads
+        self.num_v_heads = config.linear_num_value_heads
+        self.head_k_dim = config.linear_key_head_dim
+        self.head_v_dim = config.linear_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        self.conv_kernel_size = config.linear_conv_kernel_dim
+        self.chunk_size = config.linear_chunk_size
+        self.allow_neg_eigval = config.linear_allow_neg_eigval
+
+        self.q_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(self.hidden_size, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)
+        self.z_proj = nn.Linear(self.hidden_size, self.value_dim, bias=False)  # output gate
+        self.b_proj = nn.Linear(self.hidden_size, self.num_v_heads, bias=False)  # write strength beta
+        self.a_proj = nn.Linear(self.hidden_size, self.num_v_heads, bias=False)  # decay
+        conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, self.conv_kernel_size, groups=conv_dim, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.num_v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
+        self.norm = HybridRMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
+
+    @torch.no_grad()
+    def init_custom_parameters(self) -> None:
+        """Mamba-2 / fla initialisation of the decay: A in [1, 16], dt in [1e-3, 1e-1] log-uniform."""
+        init.copy_(self.A_log, torch.empty_like(self.A_log).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+        dt = dt.clamp(min=1e-4)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Run the block over `[B, T, hidden]`, continuing from `state` (None = fresh). Returns `(y, new_state)`.
+
+        `mask` `[B, T]` (False at padding) makes padded steps identity transitions; `reset` `[B, T]` clears the state
+        where a new document starts.
+        """
+        batch, length, _ = hidden_states.shape
+        conv_state, recurrent_state = state if state is not None else (None, None)
+
+        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
+        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
+        qkv = F.silu(qkv)
+        query, key, value = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        query = l2_normalize(query.reshape(batch, length, self.num_k_heads, self.head_k_dim))
+        key = l2_normalize(key.reshape(batch, length, self.num_k_heads, self.head_k_dim))
+        value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
+        if self.num_v_heads > self.num_k_heads:
+            query = query.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+            key = key.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+
+        beta = torch.sigmoid(self.b_proj(hidden_states).float())
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        decay = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        if mask is not None:
+            # beta = 0 and no decay: a padded step leaves the state exactly as it was
+            beta = beta * mask.unsqueeze(-1)
+            decay = decay * mask.unsqueeze(-1)
+
+        output, recurrent_state = gated_delta_rule(
+            query, key, value, decay, beta, initial_state=recurrent_state, reset=reset, chunk_size=self.chunk_size
+        )
+        gate = self.z_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_v_dim)
+        output = self.norm(output, gate).reshape(batch, length, self.value_dim)
+        return self.o_proj(output), (conv_state, recurrent_state)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sequence shapes of the carried state (without the batch dim); dtype float32 for the recurrent matrix."""
+        return {
+            "conv": (self.conv_kernel_size - 1, 2 * self.key_dim + self.value_dim),
+            "recurrent": (self.num_v_heads, self.head_k_dim, self.head_v_dim),
+        }

@@ -1,0 +1,61 @@
+"""Classic LSTM block (Hochreiter & Schmidhuber, 1997) used as a sequence mixer.
+
+x -> `torch.nn.LSTM` (fused, whole sequences) -> out_proj. Padding and document resets inside a row take the step loop
+of `ops_lstm` over the same weights. State per sequence: `h` and `c`, `[lstm_hidden_size]` each.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers.initialization as init
+from torch import nn
+
+from .ops_lstm import lstm_loop
+
+
+class HybridLSTM(nn.Module):
+    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+    pattern_letter = "L"
+    is_recurrent = True
+
+    def __init__(self, config, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.lstm_hidden_size = config.lstm_hidden_size
+        self.lstm = nn.LSTM(self.hidden_size, self.lstm_hidden_size, batch_first=True)
+        self.o_proj = nn.Linear(self.lstm_hidden_size, self.hidden_size, bias=False)
+
+    @torch.no_grad()
+    def init_custom_parameters(self) -> None:
+        """Forget-gate bias 1 (Gers et al., 2000): start by remembering; gate order in nn.LSTM is i, f, g, o."""
+        size = self.lstm_hidden_size
+        bias = torch.zeros_like(self.lstm.bias_ih_l0)
+        bias[size : 2 * size] = 1.0
+        init.copy_(self.lstm.bias_ih_l0, bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Run over `[B, T, hidden]` from `state` = (h, c), `[B, H]` each (None = zeros); returns `(y, state)`."""
+        batch = hidden_states.shape[0]
+        if state is None:
+            zeros = hidden_states.new_zeros(batch, self.lstm_hidden_size)
+            state = (zeros, zeros)
+        h, c = state
+        if reset is not None and not reset[:, 1:].any():
+            # a reset on the first step only is just a zero initial state: keep the fused path
+            keep = (~reset[:, :1]).to(h.dtype)
+            h, c, reset = h * keep, c * keep, None
+        if mask is None and reset is None:
+            output, (h, c) = self.lstm(hidden_states, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
+            h, c = h.squeeze(0), c.squeeze(0)
+        else:
+            lstm = self.lstm
+            bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
+            output, h, c = lstm_loop(hidden_states, lstm.weight_ih_l0, lstm.weight_hh_l0, bias, h, c, mask, reset)
+        return self.o_proj(output), (h, c)

@@ -1,0 +1,127 @@
+"""The generation cache of a hybrid model: KV for attention layers, fixed-size state for recurrent ones.
+
+Built on transformers' `Cache`, so `generate()`, beam search (`reorder_cache`) and the mask utilities work unchanged:
+attention layers get transformers' own `DynamicLayer` / `DynamicSlidingWindowLayer`, every recurrent block gets a
+`RecurrentStateLayer` holding whatever tuple of tensors the block returns as its state (batch first).
+The cache also counts the tokens it has seen, so models with no attention layer at all know their position.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import (
+    Cache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
+)
+
+
+class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
+    """One recurrent block's state: a tuple of batch-first tensors, replaced whole at every forward."""
+
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__(number_of_states=0)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:  # state tensors arrive whole; nothing to pre-allocate
+        return None
+
+    def update_conv_state(self, conv_states: torch.Tensor, state_idx: int = 0) -> torch.Tensor:
+        raise NotImplementedError("hybridzoo blocks store their whole state with `set_state`")
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, state_idx: int = 0) -> torch.Tensor:
+        raise NotImplementedError("hybridzoo blocks store their whole state with `set_state`")
+
+    def get_state(self) -> tuple[torch.Tensor, ...] | None:
+        if not self.number_of_states:
+            return None
+        return tuple(self.recurrent_states[i] for i in range(self.number_of_states))
+
+    def set_state(self, state: tuple[torch.Tensor, ...]) -> None:
+        if self.number_of_states != len(state):
+            super().__init__(number_of_states=len(state))
+        for i, tensor in enumerate(state):
+            self.recurrent_states[i] = tensor
+            self.is_recurrent_states_initialized[i] = True
+            self.has_previous_state[i] = True
+        self.device, self.dtype = state[0].device, state[0].dtype
+
+    def _map_states(self, fn) -> None:
+        for i in range(self.number_of_states):
+            self.recurrent_states[i] = fn(self.recurrent_states[i])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_states(lambda s: s.index_select(0, beam_idx.to(s.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_states(lambda s: s.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_states(lambda s: s[indices, ...])
+
+    def reset(self) -> None:
+        self._map_states(torch.zeros_like)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError(
+            "A recurrent state cannot be rolled back: hybridzoo caches do not support `crop` "
+            "(assisted/speculative decoding)."
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.recurrent_states[0].shape[0]
+
+
+class HybridCache(Cache):
+    """Cache for `HybridModel`: one layer per model layer, chosen from `config.layer_types`."""
+
+    def __init__(self, config) -> None:
+        layers = []
+        for layer_type in config.layer_types:
+            if layer_type == "full_attention":
+                layers.append(DynamicLayer())
+            elif layer_type == "sliding_attention":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
+            else:
+                layers.append(RecurrentStateLayer())
+        super().__init__(layers=layers)
+        self.seen_tokens = 0
+
+    def get_block_state(self, layer_idx: int) -> tuple[torch.Tensor, ...] | None:
+        return self.layers[layer_idx].get_state()
+
+    def set_block_state(self, layer_idx: int, state: tuple[torch.Tensor, ...]) -> None:
+        self.layers[layer_idx].set_state(state)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # every layer has seen the same tokens; counting them also works without any attention layer
+        return self.seen_tokens
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError(
+            "A recurrent state cannot be rolled back: hybridzoo caches do not support `crop` "
+            "(assisted/speculative decoding)."
+        )
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes held right now: `{"recurrent": fixed-size states, "kv": attention keys and values}`."""
+        recurrent = kv = 0
+        for layer in self.layers:
+            if isinstance(layer, RecurrentStateLayer):
+                recurrent += sum(s.numel() * s.element_size() for s in (layer.get_state() or ()))
+            elif getattr(layer, "keys", None) is not None:
+                kv += (
+                    layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                )
+        return {"recurrent": recurrent, "kv": kv}

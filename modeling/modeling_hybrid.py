@@ -1,0 +1,323 @@
+"""Hybrid decoder-only language models: `HybridModel`, `HybridForCausalLM`, `HybridForSequenceClassification`.
+
+Each layer is pre-norm -> mixer (any registered block) -> residual -> pre-norm -> gated MLP -> residual. The model
+knows two kinds of mixer: attention blocks (KV cache, causal mask, RoPE) and recurrent blocks (a fixed-size state
+passed in and out). Padding and document boundaries enter once, here, as a `[B, T]` padding mask and a `[B, T]` reset
+mask (a real token at `position_ids == 0` starts a new document), and every recurrent block honours both.
+"""
+
+import torch
+from torch import nn
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .block_attention import HybridAttention
+from .blocks import BLOCK_CLASSES
+from .cache_hybrid import HybridCache
+from .configuration_hybrid import HybridConfig
+from .layers import HybridMLP, HybridRMSNorm, HybridRotaryEmbedding
+
+
+class HybridDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: HybridConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.block_type = config.block_types[layer_idx]
+        self.input_layernorm = HybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = BLOCK_CLASSES[self.block_type](config, layer_idx)
+        if config.intermediate_size > 0:
+            self.post_mixer_layernorm = HybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = HybridMLP(config)
+        else:
+            self.mlp = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: HybridCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        if self.mixer.is_recurrent:
+            state = past_key_values.get_block_state(self.layer_idx) if past_key_values is not None else None
+            hidden_states, state = self.mixer(hidden_states, state, mask=padding_mask, reset=reset)
+            if past_key_values is not None:
+                past_key_values.set_block_state(self.layer_idx, state)
+        else:
+            hidden_states, _ = self.mixer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        hidden_states = residual + hidden_states
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.post_mixer_layernorm(hidden_states))
+        return hidden_states
+
+
+class HybridPreTrainedModel(PreTrainedModel):
+    config: HybridConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _is_stateful = True  # recurrent state cannot be rolled back: generate() refuses assisted decoding
+    _can_record_outputs = {
+        "hidden_states": HybridDecoderLayer,
+        "attentions": OutputRecorder(HybridAttention, index=1),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if hasattr(module, "init_custom_parameters"):
+            module.init_custom_parameters()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: the model creates its own HybridCache on the first forward
+        return False
+
+
+class HybridModel(HybridPreTrainedModel):
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [HybridDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = HybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.has_attention = any(not layer.mixer.is_recurrent for layer in self.layers)
+        self.rotary_emb = HybridRotaryEmbedding(config) if self.has_attention else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = HybridCache(self.config)
+        if past_key_values is not None and not hasattr(past_key_values, "get_block_state"):
+            raise TypeError(
+                f"`past_key_values` must be a hybridzoo `HybridCache` (got {type(past_key_values).__name__}): "
+                "recurrent "
+                "layers keep a fixed-size state a plain DynamicCache cannot hold. Pass `use_cache=True` and reuse the "
+                "returned `past_key_values`, or build one with `HybridCache(model.config)`."
+            )
+        batch, length = inputs_embeds.shape[:2]
+        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        padding_mask, reset = self._recurrent_masks(attention_mask, position_ids, batch, length, past_seen_tokens)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        layer_masks = {}
+        if isinstance(attention_mask, dict):  # already prepared per layer type (static-cache generation)
+            layer_masks = attention_mask
+        elif self.has_attention:
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            if "full_attention" in self.config.layer_types:
+                layer_masks["full_attention"] = create_causal_mask(**mask_kwargs)
+            if "sliding_attention" in self.config.layer_types:
+                layer_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.has_attention else None
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=layer_masks.get(decoder_layer.mixer.layer_type),
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                padding_mask=padding_mask,
+                reset=reset,
+                **kwargs,
+            )
+        if past_key_values is not None:
+            past_key_values.seen_tokens += length
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    @staticmethod
+    def _recurrent_masks(
+        attention_mask: torch.Tensor | dict | None,
+        position_ids: torch.Tensor | None,
+        batch: int,
+        length: int,
+        past_seen_tokens: int,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`[B, T]` padding mask (None: no padding) and document-start mask (None: no reset) for recurrent blocks."""
+        padding_mask = None
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+            current = attention_mask[:, -length:].bool()
+            if not bool(current.all()):
+                padding_mask = current
+        reset = None
+        if position_ids is not None and position_ids.ndim == 2:
+            starts = (position_ids == 0).expand(batch, length)
+            if padding_mask is not None:
+                starts = starts & padding_mask
+            if past_seen_tokens == 0:
+                # a document start before which this row has seen nothing is already a fresh state
+                real = padding_mask if padding_mask is not None else torch.ones_like(starts)
+                starts = starts & ((real.long().cumsum(dim=1) - real.long()) > 0)
+            if bool(starts.any()):
+                reset = starts
+        return padding_mask, reset
+
+
+class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__(config)
+        self.model = HybridModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class HybridForSequenceClassification(HybridPreTrainedModel):
+    """Classifies a sequence from the hidden state of its last real (non-padding) token."""
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = HybridModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch = logits.shape[0]
+        last_index = self._last_token_index(input_ids, attention_mask, logits.shape[1], logits.device)
+        pooled_logits = logits[torch.arange(batch, device=logits.device), last_index]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    def _last_token_index(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, length: int, device: torch.device
+    ) -> torch.Tensor:
+        """Index of each row's last real token (works for left and right padding)."""
+        if attention_mask is not None and attention_mask.ndim == 2:
+            positions = torch.arange(length, device=device)
+            return (attention_mask.to(device).bool() * positions).argmax(-1)
+        if input_ids is not None and self.config.pad_token_id is not None:
+            positions = torch.arange(length, device=device)
+            return ((input_ids != self.config.pad_token_id).to(device) * positions).argmax(-1)
+        return torch.full((input_ids.shape[0] if input_ids is not None else 1,), length - 1, device=device)
+
+
+# `save_pretrained` copies this folder's code next to the weights and writes an `auto_map`, so that
+# `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works where hybridzoo is not installed.
+HybridConfig.register_for_auto_class()
+HybridModel.register_for_auto_class("AutoModel")
+HybridForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+HybridForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = ["HybridPreTrainedModel", "HybridModel", "HybridForCausalLM", "HybridForSequenceClassification"]

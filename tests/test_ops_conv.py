@@ -1,0 +1,66 @@
+"""The causal depthwise conv against a literal per-token loop over each row's real tokens."""
+
+import torch
+
+from hybridzoo.modeling.ops_conv import causal_conv1d
+
+
+def naive_conv(tokens: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_t = sum_s weight[:, K-1-s] * x_{t-s} over the concatenation [state, tokens] of one row."""
+    width = weight.shape[-1]
+    history = torch.cat([state, tokens], dim=0)
+    outputs = []
+    for t in range(tokens.shape[0]):
+        outputs.append(sum(weight[:, width - 1 - s] * history[width - 1 + t - s] for s in range(width)))
+    return torch.stack(outputs), history[history.shape[0] - (width - 1) :]
+
+
+def _inputs(batch=3, length=11, channels=5, width=4):
+    x = torch.randn(batch, length, channels, dtype=torch.float64)
+    weight = torch.randn(channels, width, dtype=torch.float64)
+    state = torch.randn(batch, width - 1, channels, dtype=torch.float64)
+    return x, weight, state
+
+
+def test_matches_loop_with_state():
+    x, weight, state = _inputs()
+    y, new_state = causal_conv1d(x, weight, state)
+    for b in range(x.shape[0]):
+        ref_y, ref_state = naive_conv(x[b], weight, state[b])
+        torch.testing.assert_close(y[b], ref_y)
+        torch.testing.assert_close(new_state[b], ref_state)
+
+
+def test_padding_is_an_identity_step():
+    x, weight, state = _inputs()
+    mask = torch.rand(x.shape[:2]) > 0.4
+    mask[:, -1] = True
+    y, new_state = causal_conv1d(x, weight, state, mask=mask)
+    for b in range(x.shape[0]):
+        ref_y, ref_state = naive_conv(x[b][mask[b]], weight, state[b])
+        torch.testing.assert_close(y[b][mask[b]], ref_y)
+        torch.testing.assert_close(new_state[b], ref_state)
+
+
+def test_reset_starts_each_document_from_zeros():
+    x, weight, state = _inputs(batch=1, length=12)
+    reset = torch.zeros(1, 12, dtype=torch.bool)
+    reset[0, 5] = reset[0, 10] = True
+    y, new_state = causal_conv1d(x, weight, state, reset=reset)
+    zeros = torch.zeros_like(state[0])
+    pieces = [(0, 5, state[0]), (5, 10, zeros), (10, 12, zeros)]
+    for start, end, initial in pieces:
+        ref_y, ref_state = naive_conv(x[0, start:end], weight, initial)
+        torch.testing.assert_close(y[0, start:end], ref_y)
+    # the last document is 2 tokens long: the state holds them after one zero
+    torch.testing.assert_close(new_state[0], ref_state)
+
+
+def test_split_and_carry_equals_one_call():
+    x, weight, state = _inputs(batch=2, length=13)
+    y, final = causal_conv1d(x, weight, state)
+    y1, mid = causal_conv1d(x[:, :6], weight, state)
+    y2, mid = causal_conv1d(x[:, 6:7], weight, mid)
+    y3, end = causal_conv1d(x[:, 7:], weight, mid)
+    torch.testing.assert_close(torch.cat([y1, y2, y3], dim=1), y)
+    torch.testing.assert_close(end, final)

@@ -1,0 +1,77 @@
+"""Training-side features: gradient checkpointing, half precision, recorded outputs, sequence classification."""
+
+import pytest
+import torch
+
+from hybridzoo import HybridForCausalLM, HybridForSequenceClassification
+from tiny_models import ALL_PATTERNS, PAD, tiny_config
+
+
+@pytest.mark.parametrize("pattern", ["GLSA"])
+def test_gradient_checkpointing_gives_the_same_gradients(pattern):
+    model = HybridForCausalLM(tiny_config(pattern))
+    input_ids = torch.randint(3, 64, (2, 12))
+
+    def gradients():
+        model.zero_grad()
+        model(input_ids, labels=input_ids, use_cache=False).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) == len(list(model.parameters()))
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_close_to_float32(dtype):
+    model = HybridForCausalLM(tiny_config("GLSA")).eval()
+    input_ids = torch.randint(3, 64, (2, 10))
+    with torch.no_grad():
+        reference = model(input_ids).logits
+        half = model.to(dtype)(input_ids).logits
+    assert half.dtype == dtype
+    assert (half.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    generated = model.generate(input_ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    assert generated.shape == (2, 13)
+
+
+@pytest.mark.parametrize("pattern", ALL_PATTERNS)
+def test_every_block_trains(pattern):
+    model = HybridForCausalLM(tiny_config(pattern))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    input_ids = torch.randint(3, 64, (4, 12))
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_hidden_states_and_attentions_are_recorded():
+    model = HybridForCausalLM(tiny_config("GLSA")).eval()
+    model.set_attn_implementation("eager")
+    out = model(torch.randint(3, 64, (1, 6)), output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert len(out.attentions) == 2  # one per attention block (sliding and full)
+    assert out.attentions[0].shape == (1, 4, 6, 6)
+
+
+def test_sequence_classification_pools_the_last_real_token():
+    model = HybridForSequenceClassification(tiny_config("GLSA", num_labels=3)).eval()
+    tokens = torch.randint(3, 64, (5,))
+    padded = torch.cat([torch.full((3,), PAD), tokens])[None]
+    mask = torch.cat([torch.zeros(3), torch.ones(5)]).long()[None]
+    with torch.no_grad():
+        alone = model(tokens[None]).logits
+        left_padded = model(padded, attention_mask=mask).logits
+    torch.testing.assert_close(left_padded, alone, atol=1e-5, rtol=1e-5)
+    loss = model(tokens[None], labels=torch.tensor([2])).loss
+    assert loss.ndim == 0 and loss > 0

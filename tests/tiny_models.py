@@ -1,0 +1,39 @@
+"""Tiny model configs shared by the tests: a few thousand parameters each, so the suite is fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+from hybridzoo import HybridConfig
+from hybridzoo.modeling.blocks import BLOCK_LETTERS
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny_config(pattern: str = "GGGA", num_layers: int | None = None, **overrides) -> HybridConfig:
+    """A tiny model of the given block pattern; grouped KV heads and GVA on so those paths are exercised."""
+    fields = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=num_layers or len(pattern or "A"),
+        block_pattern=pattern,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        sliding_window=4,
+        lstm_hidden_size=24,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    fields.update(overrides)
+    return HybridConfig(**fields)
+
+
+# every registered block alone, plus mixes; a newly registered block is tested automatically
+SINGLE_BLOCK_PATTERNS = sorted(BLOCK_LETTERS)
+MIXED_PATTERNS = ["GGGA", "LA", "GLSA", "".join(sorted(BLOCK_LETTERS))]
+ALL_PATTERNS = SINGLE_BLOCK_PATTERNS + MIXED_PATTERNS
