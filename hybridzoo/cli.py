@@ -1,35 +1,31 @@
-"""The `hybridzoo` command line. Every subcommand is a thin wrapper over a Python function."""
+"""The `hybridzoo` command line. Every subcommand is a thin wrapper over a Python function users can call.
+
+Each module listed in `SUBCOMMAND_MODULES` defines `add_subcommand(subparsers)`, which adds its parser and sets
+`handler` (a function taking the parsed arguments). Modules are imported only when the command line is built.
+"""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+import importlib
+
+SUBCOMMAND_MODULES = [
+    "hybridzoo.quickstart",
+]
 
 
-def _add_quickstart(subparsers) -> None:
-    from hybridzoo.quickstart import QuickstartSettings
-
-    parser = subparsers.add_parser(
-        "quickstart", help="train a small zoo hybrid on this machine's Python sources, save, reload and sample"
-    )
-    for setting in fields(QuickstartSettings):
-        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default)
-    parser.set_defaults(handler=_run_quickstart)
-
-
-def _run_quickstart(args: argparse.Namespace) -> None:
-    from hybridzoo.quickstart import QuickstartSettings, run_quickstart
-
-    run_quickstart(QuickstartSettings(**{f.name: getattr(args, f.name) for f in fields(QuickstartSettings)}))
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridzoo", description="Hybrid language models for transformers.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module_name in SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).add_subcommand(subparsers)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hybridzoo", description="Hybrid language models for transformers.")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_quickstart(subparsers)
-    args = parser.parse_args(argv)
-    args.handler(args)
-    return 0
+    args = build_parser().parse_args(argv)
+    result = args.handler(args)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import json
 import math
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -151,3 +151,17 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwritten: {model_dir} (safetensors + config + remote code), {output_dir / 'summary.json'}")
     return summary
+
+
+def add_subcommand(subparsers) -> None:
+    """`hybridzoo quickstart [--steps N ...]`: every `QuickstartSettings` field is a flag."""
+    parser = subparsers.add_parser(
+        "quickstart", help="train a small zoo hybrid on this machine's Python sources, save, reload and sample"
+    )
+    for setting in fields(QuickstartSettings):
+        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default)
+    parser.set_defaults(
+        handler=lambda args: run_quickstart(
+            QuickstartSettings(**{f.name: getattr(args, f.name) for f in fields(QuickstartSettings)})
+        )
+    )

@@ -1,0 +1,1 @@
+"""Training recipes: declarative YAML files run with `hybridzoo train`, on one process or many with accelerate."""
