@@ -11,6 +11,8 @@ import importlib
 
 SUBCOMMAND_MODULES = [
     "hybridzoo.quickstart",
+    "hybridzoo.configs.zoo",
+    "hybridzoo.recipes.cli",
 ]
 
 

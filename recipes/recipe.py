@@ -1,0 +1,296 @@
+"""The recipe schema: one dataclass per YAML section, loading, `key=value` overrides and validation.
+
+A recipe is checked completely before anything runs. An unknown or mistyped key, a value of the wrong type or an
+impossible value raises `RecipeError` naming the dotted key (`train.lr`) and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parent
+# names other tools use for our keys, suggested when a recipe uses them
+ALIASES = {"learning_rate": "lr", "batch_size": "micro_batch_size", "gradient_accumulation_steps": "grad_accum",
+           "steps": "max_steps", "seq_len": "context_length", "mixed_precision": "precision", "rank": "r"}
+
+
+class RecipeError(ValueError):
+    """A recipe key is unknown, has the wrong type or an impossible value."""
+
+
+@dataclass
+class ModelSection:
+    zoo: str | None = None  # zoo architecture name (hybridzoo.configs.zoo.ARCHITECTURES) ...
+    size: str = "tiny"  # ... and size
+    overrides: dict = field(default_factory=dict)  # any HybridConfig field
+    from_pretrained: str | None = None  # ... or a saved model folder to start from
+    head: str = "causal_lm"  # causal_lm | sequence_classification
+    num_labels: int = 2  # sequence_classification only
+
+
+@dataclass
+class DataSection:
+    source: str = "stdlib"  # stdlib | files | dataset | task | stdlib_shuffled_lines
+    paths: list = field(default_factory=list)  # files: .txt/.jsonl/.parquet files or folders
+    dataset: str | None = None  # dataset: a `datasets` name or local path
+    split: str = "train"
+    text_field: str = "text"
+    label_field: str = "label"  # sequence classification data
+    task: str | None = None  # task: a generator name in hybridzoo.evaluation.tasks (e.g. mqar)
+    task_params: dict = field(default_factory=dict)
+    context_length: int = 256
+    validation_fraction: float = 0.05  # of documents (files for the stdlib corpus)
+    max_documents: int | None = None  # use only the first N documents (quick runs)
+    cache_dir: str | None = None  # packed-data cache (default: $HYBRIDZOO_CACHE or ~/.cache/hybridzoo)
+
+
+@dataclass
+class TokenizerSection:
+    path: str | None = None  # any AutoTokenizer path; None trains a byte-level BPE on the training text
+    vocab_size: int = 2048  # of the trained BPE
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 8  # rows per process per forward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+@dataclass
+class EvalSection:
+    every: int = 100  # optimizer steps; 0 evaluates only at the end
+    batches: int = 8
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 100  # optimizer steps; 0 writes no intermediate checkpoints
+    keep: int = 2  # newest checkpoints kept
+
+
+@dataclass
+class PeftSection:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list | None = None  # None: defaults per block type (recipes/peft_utils.py)
+    include_mlp: bool = True
+
+
+@dataclass
+class Recipe:
+    output_dir: str
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    peft: PeftSection = field(default_factory=PeftSection)
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# loading: dict -> dataclasses, with a type check per key
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return {type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping of keys, got {values!r}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            close = [ALIASES[key]] if ALIASES.get(key) in known else difflib.get_close_matches(str(key), known, n=1)
+            fix = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {', '.join(known)}."
+            raise RecipeError(f"{dotted}: unknown key; {fix}")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value or {}, f"{dotted}.")
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and annotation is float:
+            value = float(value)
+        if isinstance(value, str) and annotation is float:
+            # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if not _matches(value, annotation):
+            raise RecipeError(f"{dotted}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__}).")
+        kwargs[key] = value
+    missing = [n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is
+               dataclasses.MISSING and n not in kwargs]
+    if missing:
+        raise RecipeError(f"{prefix}{missing[0]}: required key is missing; add `{prefix}{missing[0]}: ...`.")
+    return cls(**kwargs)
+
+
+def apply_overrides(values: dict, overrides: list[str] | dict | None) -> dict:
+    """`["train.lr=3e-4", "model.zoo=lstm"]` (or a dict of dotted keys) applied to a nested dict; values are YAML."""
+    if not overrides:
+        return values
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if not isinstance(overrides, dict):
+        parsed = []
+        for text in overrides:
+            if "=" not in text:
+                raise RecipeError(f"override {text!r}: write it as key=value, e.g. train.max_steps=100.")
+            key, raw = text.split("=", 1)
+            parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        items = parsed
+    for key, value in items:
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {key}: {part} is not a section.")
+        node[parts[-1]] = value
+    return values
+
+
+def resolve_recipe_path(recipe: str | Path) -> Path:
+    """A recipe file path, or the name of a shipped recipe (`pretrain_stdlib`)."""
+    path = Path(recipe)
+    if path.exists():
+        return path
+    shipped = RECIPE_DIR / f"{Path(recipe).stem}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    raise RecipeError(f"recipe {str(recipe)!r} not found; pass a YAML path or one of the shipped recipes: {names}.")
+
+
+def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
+    """Read, override and validate a recipe (a path, a shipped recipe name, a dict or a `Recipe`)."""
+    if isinstance(recipe, Recipe):
+        values = recipe.to_dict()
+    elif isinstance(recipe, dict):
+        values = dict(recipe)
+    else:
+        values = yaml.safe_load(resolve_recipe_path(recipe).read_text()) or {}
+    values = apply_overrides(values, overrides)
+    result = _build(Recipe, values, "")
+    validate(result)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# validation of values and of the combinations of keys
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise RecipeError(f"{key}: {message}")
+
+
+def validate(recipe: Recipe) -> None:
+    """Raise `RecipeError` on the first impossible value."""
+    from hybridzoo.configs.zoo import ARCHITECTURES, SIZES  # local: the zoo pulls in the model code
+
+    m, d, t, tr = recipe.model, recipe.data, recipe.tokenizer, recipe.train
+    _check(bool(recipe.output_dir), "output_dir", "set an output folder, e.g. output_dir: outputs/my-run.")
+    _check((m.zoo is None) != (m.from_pretrained is None), "model.zoo",
+           "set exactly one of model.zoo (a zoo architecture) and model.from_pretrained (a saved model folder).")
+    if m.zoo is not None:
+        _check(m.zoo in ARCHITECTURES, "model.zoo", f"unknown architecture {m.zoo!r}; choose one of "
+               f"{', '.join(ARCHITECTURES)}.")
+        _check(m.size in SIZES, "model.size", f"unknown size {m.size!r}; choose one of {', '.join(SIZES)}.")
+    if m.from_pretrained is not None:
+        _check(Path(m.from_pretrained).is_dir(), "model.from_pretrained",
+               f"{m.from_pretrained!r} is not a folder; train one first (e.g. the pretrain_stdlib recipe) or fix the "
+               "path.")
+    _check(m.head in ("causal_lm", "sequence_classification"), "model.head",
+           "use causal_lm or sequence_classification.")
+    _check(m.num_labels >= 2, "model.num_labels", "a classifier needs at least 2 labels.")
+
+    sources = ("stdlib", "files", "dataset", "task", "stdlib_shuffled_lines")
+    _check(d.source in sources, "data.source", f"choose one of {', '.join(sources)}.")
+    if d.source == "files":
+        _check(bool(d.paths), "data.paths", "list the .txt/.jsonl/.parquet files or folders to read.")
+        for path in d.paths:
+            _check(Path(path).exists(), "data.paths", f"{path!r} does not exist.")
+    _check(d.source != "dataset" or bool(d.dataset), "data.dataset", "name a `datasets` dataset or local path.")
+    _check(d.source != "task" or bool(d.task), "data.task", "name a task generator, e.g. data.task: mqar.")
+    if m.head == "sequence_classification":
+        _check(d.source in ("files", "dataset", "stdlib_shuffled_lines"), "data.source",
+               "a classifier needs labelled data: files or dataset (with data.label_field), or stdlib_shuffled_lines.")
+    _check(d.source != "stdlib_shuffled_lines" or m.head == "sequence_classification", "model.head",
+           "stdlib_shuffled_lines is classification data; set model.head: sequence_classification.")
+    _check(d.source != "task" or m.head == "causal_lm", "model.head", "task data trains a causal_lm head.")
+    _check(d.context_length >= 8, "data.context_length", "use at least 8 tokens.")
+    _check(0 < d.validation_fraction < 0.5, "data.validation_fraction", "use a fraction in (0, 0.5), e.g. 0.05.")
+    _check(d.max_documents is None or d.max_documents >= 2, "data.max_documents",
+           "keep at least 2 documents (train and validation), or null for all.")
+    _check(t.vocab_size >= 300, "tokenizer.vocab_size", "a byte-level BPE needs at least 300 (256 bytes + merges).")
+    _check(t.path is None or Path(t.path).exists() or "/" in t.path, "tokenizer.path",
+           f"{t.path!r} is neither a local folder nor a hub id (org/name).")
+
+    _check(tr.max_steps >= 1, "train.max_steps", "train for at least 1 step.")
+    _check(tr.micro_batch_size >= 1, "train.micro_batch_size", "use at least 1.")
+    _check(tr.grad_accum >= 1, "train.grad_accum", "use at least 1 (no accumulation).")
+    _check(tr.lr > 0, "train.lr", "the learning rate must be positive, e.g. 1e-3.")
+    _check(0 <= tr.min_lr_ratio <= 1, "train.min_lr_ratio", "use a ratio in [0, 1].")
+    _check(0 <= tr.warmup_steps < tr.max_steps, "train.warmup_steps",
+           f"warm-up must be shorter than train.max_steps ({tr.max_steps}).")
+    _check(tr.weight_decay >= 0, "train.weight_decay", "use a non-negative value.")
+    _check(len(tr.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tr.betas), "train.betas",
+           "give two numbers in [0, 1), e.g. [0.9, 0.95].")
+    _check(tr.grad_clip >= 0, "train.grad_clip", "use 0 (off) or a positive norm.")
+    _check(tr.precision in ("fp32", "bf16"), "train.precision", "use fp32 or bf16.")
+    _check(tr.seed >= 0, "train.seed", "use a non-negative integer.")
+    _check(recipe.eval.every >= 0, "eval.every", "use 0 (only at the end) or a positive step interval.")
+    _check(recipe.eval.batches >= 1, "eval.batches", "evaluate at least 1 batch.")
+    _check(recipe.checkpoint.every >= 0, "checkpoint.every", "use 0 (none) or a positive step interval.")
+    _check(recipe.checkpoint.keep >= 1, "checkpoint.keep", "keep at least 1 checkpoint.")
+    p = recipe.peft
+    _check(p.r >= 1, "peft.r", "the LoRA rank must be at least 1.")
+    _check(p.alpha > 0, "peft.alpha", "use a positive LoRA alpha (often 2 * r).")
+    _check(0 <= p.dropout < 1, "peft.dropout", "use a dropout in [0, 1).")
+    _check(p.target_modules is None or all(isinstance(x, str) for x in p.target_modules), "peft.target_modules",
+           "list module name suffixes, e.g. [mixer.q_proj, mlp.up_proj], or null for the per-block defaults.")
+    _check(not p.enabled or m.from_pretrained is not None, "peft.enabled",
+           "LoRA fine-tunes a saved model: set model.from_pretrained (and drop model.zoo).")
