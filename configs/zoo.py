@@ -79,7 +79,6 @@ SIZES: dict[str, dict] = {
         num_attention_heads=12,
         num_key_value_heads=4,
         max_position_embeddings=8192,
-        tie_word_embeddings=True,
     ),
     "large": dict(
         vocab_size=32000,
@@ -111,11 +110,91 @@ def zoo_config(name: str, size: str = "small", **overrides) -> HybridConfig:
     fields.update(extra)
     if window_cap is not None and "sliding_window" in fields:
         fields["sliding_window"] = min(fields["sliding_window"], window_cap)
-    fields["linear_num_value_heads"] = fields["num_attention_heads"] * value_heads_factor
     fields.update(overrides)
+    if "linear_num_value_heads" not in overrides:
+        key_heads = fields.get("linear_num_key_heads") or fields["num_attention_heads"]
+        fields["linear_num_value_heads"] = key_heads * value_heads_factor
     if "block_types" not in overrides and "block_pattern" not in overrides:
         depth = fields["num_hidden_layers"]
         fields["block_types"] = [
             BLOCK_LETTERS[architecture.pattern[i % len(architecture.pattern)]] for i in range(depth)
         ]
     return HybridConfig(**fields)
+
+
+def describe(config: HybridConfig, dtype_bytes: int = 4) -> dict:
+    """Closed-form sizes of a config: parameters, recurrent-state bytes per sequence, KV-cache bytes per token.
+
+    Each block class states its own formulas (`parameter_count`, `state_bytes`/`state_formula`,
+    `kv_bytes_per_token`/`kv_formula`); the tests check them against an instantiated model and a filled cache.
+    """
+    from hybridzoo.modeling.blocks import BLOCK_CLASSES
+
+    hidden = config.hidden_size
+    parameters = config.vocab_size * hidden + hidden  # embeddings + final norm
+    if not config.tie_word_embeddings:
+        parameters += config.vocab_size * hidden
+    state_bytes = kv_bytes_per_token = 0
+    formulas = {}
+    for name in config.block_types:
+        block = BLOCK_CLASSES[name]
+        parameters += hidden + block.parameter_count(config)  # input norm + mixer
+        if config.intermediate_size > 0:
+            parameters += hidden + 3 * hidden * config.intermediate_size  # norm + gated MLP
+        if block.is_recurrent:
+            state_bytes += block.state_bytes(config, dtype_bytes)
+            formulas[name] = block.state_formula
+        else:
+            kv_bytes_per_token += block.kv_bytes_per_token(config, dtype_bytes)
+            formulas[name] = block.kv_formula
+    pattern = "".join(BLOCK_CLASSES[name].pattern_letter for name in config.block_types)
+    return {
+        "parameters": parameters,
+        "pattern": pattern,
+        "recurrent_state_bytes": state_bytes,
+        "kv_bytes_per_token": kv_bytes_per_token,
+        "sliding_window": config.sliding_window if "sliding_attention" in config.block_types else None,
+        "formulas": formulas,
+    }
+
+
+def zoo_table(size: str = "small") -> str:
+    """A markdown table of every architecture at `size` (float32 state)."""
+    lines = [
+        f"| architecture | params ({size}) | layer pattern | recurrent state / sequence | KV cache / token | source |",
+        "|---|---:|---|---:|---:|---|",
+    ]
+    formulas = {}
+    for name, architecture in ARCHITECTURES.items():
+        info = describe(zoo_config(name, size))
+        formulas.update(info["formulas"])
+        kv = f"{info['kv_bytes_per_token']:,} B" if info["kv_bytes_per_token"] else "0"
+        if info["sliding_window"]:
+            kv += f" (window {info['sliding_window']})"
+        lines.append(
+            f"| {name} | {info['parameters'] / 1e6:,.1f}M | {info['pattern']} | "
+            f"{info['recurrent_state_bytes']:,} B | {kv} | {architecture.source} |"
+        )
+    lines.append("")
+    lines.append("Formulas per layer (b = bytes per element of the model dtype; state matrices are float32):")
+    lines += [f"- `{block}`: {formula}" for block, formula in sorted(formulas.items())]
+    return "\n".join(lines)
+
+
+def add_subcommand(subparsers) -> None:
+    """`hybridzoo zoo [--size S]` lists the zoo; `hybridzoo zoo show NAME [--size S]` prints one full config."""
+    parser = subparsers.add_parser("zoo", help="list the zoo's architectures, or show one config")
+    parser.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    parser.add_argument("name", nargs="?", help="architecture name (for `show`)")
+    parser.add_argument("--size", default="small", choices=list(SIZES))
+
+    def handler(args) -> int:
+        if args.action == "list":
+            print(zoo_table(args.size))
+            return 0
+        if args.name is None:
+            parser.error(f"`zoo show` needs an architecture name: one of {', '.join(ARCHITECTURES)}")
+        print(zoo_config(args.name, args.size).to_json_string(use_diff=False))
+        return 0
+
+    parser.set_defaults(handler=handler)

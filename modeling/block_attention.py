@@ -69,6 +69,25 @@ class HybridAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    @staticmethod
+    def parameter_count(config) -> int:
+        """Closed form of this block's parameters (checked against the instantiated module in tests)."""
+        query_width, kv_width = (
+            config.num_attention_heads * config.head_dim,
+            config.num_key_value_heads * config.head_dim,
+        )
+        count = 2 * config.hidden_size * query_width + 2 * config.hidden_size * kv_width
+        if config.attention_bias:
+            count += 2 * query_width + config.hidden_size + kv_width
+        return count
+
+    kv_formula = "2·Hkv·Dh·b per token"
+
+    @staticmethod
+    def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+        """Bytes of keys + values cached per token of context."""
+        return 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -110,3 +129,4 @@ class HybridSlidingWindowAttention(HybridAttention):
 
     layer_type = "sliding_attention"
     pattern_letter = "S"
+    kv_formula = "2·Hkv·Dh·b per token, at most sliding_window tokens"

@@ -66,6 +66,30 @@ class HybridGatedDeltaNet(nn.Module):
         dt = dt.clamp(min=1e-4)
         init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
+    state_formula = "4·Hv·Dk·Dv (fp32 matrix) + b·(K−1)·(2·Hk·Dk + Hv·Dv) (conv window)"
+
+    @staticmethod
+    def state_bytes(config, dtype_bytes: int) -> int:
+        """Bytes of recurrent state per sequence: the float32 delta-rule matrix plus the conv window."""
+        key_dim = config.linear_num_key_heads * config.linear_key_head_dim
+        value_dim = config.linear_num_value_heads * config.linear_value_head_dim
+        matrix = 4 * config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
+        return matrix + dtype_bytes * (config.linear_conv_kernel_dim - 1) * (2 * key_dim + value_dim)
+
+    @staticmethod
+    def parameter_count(config) -> int:
+        """Closed form of this block's parameters (checked against the instantiated module in tests)."""
+        hidden, heads = config.hidden_size, config.linear_num_value_heads
+        key_dim = config.linear_num_key_heads * config.linear_key_head_dim
+        value_dim = heads * config.linear_value_head_dim
+        projections = hidden * (2 * key_dim + 2 * value_dim + 2 * heads) + value_dim * hidden
+        return (
+            projections
+            + (2 * key_dim + value_dim) * config.linear_conv_kernel_dim
+            + 2 * heads
+            + config.linear_value_head_dim
+        )
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -81,7 +105,7 @@ class HybridGatedDeltaNet(nn.Module):
         batch, length, _ = hidden_states.shape
         conv_state, recurrent_state = state if state is not None else (None, None)
 
-        qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], dim=-1)
+        qkv, z, b, a = self._project(hidden_states)
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
         qkv = F.silu(qkv)
         query, key, value = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
@@ -92,10 +116,10 @@ class HybridGatedDeltaNet(nn.Module):
             query = query.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
             key = key.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
 
-        beta = torch.sigmoid(self.b_proj(hidden_states).float())
+        beta = torch.sigmoid(b.float())
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        decay = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         if mask is not None:
             # beta = 0 and no decay: a padded step leaves the state exactly as it was
             beta = beta * mask.unsqueeze(-1)
@@ -104,9 +128,28 @@ class HybridGatedDeltaNet(nn.Module):
         output, recurrent_state = gated_delta_rule(
             query, key, value, decay, beta, initial_state=recurrent_state, reset=reset, chunk_size=self.chunk_size
         )
-        gate = self.z_proj(hidden_states).reshape(batch, length, self.num_v_heads, self.head_v_dim)
+        gate = z.reshape(batch, length, self.num_v_heads, self.head_v_dim)
         output = self.norm(output, gate).reshape(batch, length, self.value_dim)
         return self.o_proj(output), (conv_state, recurrent_state)
+
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The input projections: `qkv` (q, k, v side by side, the conv's input), `z`, `b`, `a`.
+
+        For multi-token inputs the six weights are concatenated and applied as one GEMM (~10% faster forward +
+        backward on CPU than six calls, and `qkv` is then a slice instead of a concatenated copy). Single tokens keep
+        six calls: there copying the weights costs more than it saves. Wrapped projections (PEFT LoRA, accelerate
+        hooks) also keep six calls, so that whatever the wrapper adds is not bypassed.
+        """
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.z_proj, self.b_proj, self.a_proj)
+        fusable = hidden_states.shape[1] > 1 and all(
+            type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks) for p in projections
+        )
+        if not fusable:
+            q, k, v, z, b, a = (p(hidden_states) for p in projections)
+            return torch.cat([q, k, v], dim=-1), z, b, a
+        weight = torch.cat([p.weight for p in projections])
+        conv_dim = 2 * self.key_dim + self.value_dim
+        return F.linear(hidden_states, weight).split([conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads], -1)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sequence shapes of the carried state (without the batch dim); dtype float32 for the recurrent matrix."""

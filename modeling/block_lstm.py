@@ -34,6 +34,19 @@ class HybridLSTM(nn.Module):
         bias[size : 2 * size] = 1.0
         init.copy_(self.lstm.bias_ih_l0, bias)
 
+    state_formula = "2·b·H_lstm (h and c)"
+
+    @staticmethod
+    def state_bytes(config, dtype_bytes: int) -> int:
+        """Bytes of recurrent state per sequence: h and c."""
+        return 2 * dtype_bytes * config.lstm_hidden_size
+
+    @staticmethod
+    def parameter_count(config) -> int:
+        """Closed form of this block's parameters (checked against the instantiated module in tests)."""
+        cell = config.lstm_hidden_size
+        return 4 * cell * (config.hidden_size + cell) + 8 * cell + cell * config.hidden_size
+
     def forward(
         self,
         hidden_states: torch.Tensor,

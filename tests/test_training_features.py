@@ -75,3 +75,24 @@ def test_sequence_classification_pools_the_last_real_token():
     torch.testing.assert_close(left_padded, alone, atol=1e-5, rtol=1e-5)
     loss = model(tokens[None], labels=torch.tensor([2])).loss
     assert loss.ndim == 0 and loss > 0
+
+
+@pytest.mark.parametrize("block_name", ["gated_deltanet", "attention_free_model"])
+def test_torch_compile_traces_without_graph_breaks(block_name):
+    """Dynamo traces the Gated DeltaNet block whole (fullgraph=True) for prefill and for a decode step."""
+    from hybridzoo.modeling.blocks import BLOCK_CLASSES
+
+    if block_name == "attention_free_model":
+        model = HybridForCausalLM(tiny_config("GGGA")).eval()
+        input_ids = torch.randint(3, 64, (2, 20))
+        compiled = torch.compile(model, backend="eager")
+        torch.testing.assert_close(compiled(input_ids).logits, model(input_ids).logits)
+        return
+    block = BLOCK_CLASSES[block_name](tiny_config("G"), 0)
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    x = torch.randn(2, 20, 32)
+    y, state = compiled(x)
+    expected_y, expected_state = block(x)
+    torch.testing.assert_close(y, expected_y)
+    step, _ = compiled(x[:, :1], state)
+    torch.testing.assert_close(step, block(x[:, :1], expected_state)[0])
