@@ -57,6 +57,7 @@ class HybridGatedDeltaNet(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
         self.norm = HybridRMSNormGated(self.head_v_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(self.value_dim, self.hidden_size, bias=False)
+        self.init_custom_parameters()  # usable on its own like nn.LSTM; from_pretrained overwrites these anyway
 
     @torch.no_grad()
     def init_custom_parameters(self) -> None:
@@ -150,10 +151,3 @@ class HybridGatedDeltaNet(nn.Module):
         weight = torch.cat([p.weight for p in projections])
         conv_dim = 2 * self.key_dim + self.value_dim
         return F.linear(hidden_states, weight).split([conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads], -1)
-
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-sequence shapes of the carried state (without the batch dim); dtype float32 for the recurrent matrix."""
-        return {
-            "conv": (self.conv_kernel_size - 1, 2 * self.key_dim + self.value_dim),
-            "recurrent": (self.num_v_heads, self.head_k_dim, self.head_v_dim),
-        }
