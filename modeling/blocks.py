@@ -10,12 +10,18 @@ from __future__ import annotations
 from .block_attention import HybridAttention, HybridSlidingWindowAttention
 from .block_gated_deltanet import HybridGatedDeltaNet
 from .block_lstm import HybridLSTM
+from .block_mlstm import HybridMLSTM
+from .block_rglru import HybridRGLRU
+from .block_slstm import HybridSLSTM
 
 BLOCK_CLASSES = {
     "attention": HybridAttention,
     "sliding_attention": HybridSlidingWindowAttention,
     "gated_deltanet": HybridGatedDeltaNet,
     "lstm": HybridLSTM,
+    "mlstm": HybridMLSTM,
+    "rglru": HybridRGLRU,
+    "slstm": HybridSLSTM,
 }
 
 BLOCK_LETTERS = {cls.pattern_letter: name for name, cls in BLOCK_CLASSES.items()}

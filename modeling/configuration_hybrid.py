@@ -42,6 +42,24 @@ class HybridConfig(PreTrainedConfig):
         linear_chunk_size (`int`, *optional*): chunk length of the parallel form (None: 32 on CPU, 64 on GPU).
         linear_allow_neg_eigval (`bool`): beta in (0, 2) instead of (0, 1), allowing negative eigenvalues.
         lstm_hidden_size (`int`, *optional*): width of the `lstm` blocks' cell (defaults to `hidden_size`).
+        mlstm_num_heads (`int`, *optional*): heads of the `mlstm` blocks (defaults to `num_attention_heads`).
+        mlstm_qk_dim_factor, mlstm_v_dim_factor (`float`): q/k and v widths of the `mlstm` blocks as fractions of
+            `hidden_size` (xLSTM-7B: 0.5 and 1.0); each width must split evenly into `mlstm_num_heads` heads.
+        mlstm_input_gate (`str`): `"exp"` (xLSTM's exponential input gate with max-state stabilisation; loads
+            xLSTM-7B weights) or `"sigmoid"` (mLSTMsig).
+        mlstm_chunk_size (`int`): chunk length of the `mlstm` blocks' chunkwise-parallel form.
+        mlstm_gate_soft_cap (`float`, *optional*): gate pre-activations are capped as `cap * tanh(x / cap)` (None: off).
+        rglru_width (`int`, *optional*): width of the `rglru` blocks' recurrence (defaults to `hidden_size`).
+        rglru_num_heads (`int`, *optional*): heads of the block-diagonal RG-LRU gates (defaults to
+            `num_attention_heads`); must divide `rglru_width`.
+        rglru_conv_kernel_dim (`int`): width of the `rglru` blocks' causal conv (Griffin: 4), >= 1.
+        rglru_chunk_size (`int`, *optional*): None runs the RG-LRU recurrence as a time loop (fastest on CPU); an int
+            selects the chunked form with that chunk length (for accelerators).
+        slstm_num_heads (`int`, *optional*): heads of the `slstm` blocks' block-diagonal recurrent matrix (defaults to
+            `num_attention_heads`); must divide `hidden_size`.
+        slstm_conv_kernel_dim (`int`): width of the causal conv feeding the `slstm` input and forget gates (xLSTM: 4);
+            0 turns the conv off.
+        slstm_forget_gate (`str`): `"sigmoid"` or `"exp"`, the `slstm` forget gate activation.
 
     Example:
         >>> from hybridzoo import HybridConfig, HybridForCausalLM
@@ -90,6 +108,22 @@ class HybridConfig(PreTrainedConfig):
     linear_allow_neg_eigval: bool = False
     # LSTM
     lstm_hidden_size: int | None = None
+    # mLSTM
+    mlstm_num_heads: int | None = None
+    mlstm_qk_dim_factor: float | int = 0.5
+    mlstm_v_dim_factor: float | int = 1.0
+    mlstm_input_gate: str = "exp"
+    mlstm_chunk_size: int = 64
+    mlstm_gate_soft_cap: float | int | None = 15.0
+    # RG-LRU
+    rglru_width: int | None = None
+    rglru_num_heads: int | None = None
+    rglru_conv_kernel_dim: int = 4
+    rglru_chunk_size: int | None = None
+    # sLSTM
+    slstm_num_heads: int | None = None
+    slstm_conv_kernel_dim: int = 4
+    slstm_forget_gate: str = "sigmoid"
 
     def __post_init__(self, **kwargs):
         self._resolve_block_types()
@@ -119,6 +153,14 @@ class HybridConfig(PreTrainedConfig):
             self.linear_value_head_dim = self.linear_key_head_dim
         if self.lstm_hidden_size is None:
             self.lstm_hidden_size = self.hidden_size
+        if self.mlstm_num_heads is None:
+            self.mlstm_num_heads = self.num_attention_heads
+        if self.rglru_width is None:
+            self.rglru_width = self.hidden_size
+        if self.rglru_num_heads is None:
+            self.rglru_num_heads = self.num_attention_heads
+        if self.slstm_num_heads is None:
+            self.slstm_num_heads = self.num_attention_heads
         if self.rope_parameters is None:
             kwargs.setdefault("rope_theta", 10000.0)
         super().__post_init__(**kwargs)
@@ -211,6 +253,63 @@ class HybridConfig(PreTrainedConfig):
                 raise ValueError(
                     f"`linear_num_value_heads` ({self.linear_num_value_heads}) must be a multiple of "
                     f"`linear_num_key_heads` ({self.linear_num_key_heads}): value heads share q/k heads in groups."
+                )
+        self._validate_mlstm("mlstm" in blocks)
+        self._validate_rglru_slstm(blocks)
+
+    def _validate_mlstm(self, has_blocks: bool) -> None:
+        """mLSTM fields: option values always, the head split only when the model has `mlstm` blocks."""
+        if self.mlstm_input_gate not in ("exp", "sigmoid"):
+            raise ValueError(f"`mlstm_input_gate` must be 'exp' or 'sigmoid', got {self.mlstm_input_gate!r}.")
+        if not isinstance(self.mlstm_chunk_size, int) or self.mlstm_chunk_size <= 0:
+            raise ValueError(f"`mlstm_chunk_size` must be a positive integer, got {self.mlstm_chunk_size!r}.")
+        if self.mlstm_gate_soft_cap is not None and self.mlstm_gate_soft_cap <= 0:
+            raise ValueError(f"`mlstm_gate_soft_cap` must be > 0 or None (no cap), got {self.mlstm_gate_soft_cap}.")
+        for name in ["mlstm_qk_dim_factor", "mlstm_v_dim_factor"]:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
+        if not has_blocks:
+            return
+        heads = self.mlstm_num_heads
+        if not isinstance(heads, int) or heads <= 0:
+            raise ValueError(f"`mlstm_num_heads` must be a positive integer for mlstm blocks, got {heads!r}.")
+        for name in ["mlstm_qk_dim_factor", "mlstm_v_dim_factor"]:
+            width = int(self.hidden_size * getattr(self, name))
+            if width <= 0 or width % heads != 0:
+                raise ValueError(
+                    f"`hidden_size * {name}` = {width} must be a positive multiple of `mlstm_num_heads` ({heads}): "
+                    "the mlstm q/k and v widths split evenly into heads."
+                )
+
+    def _validate_rglru_slstm(self, blocks: set[str]) -> None:
+        """RG-LRU and sLSTM fields: option values always, the head splits only when the model has such blocks."""
+        if not isinstance(self.rglru_conv_kernel_dim, int) or self.rglru_conv_kernel_dim < 1:
+            raise ValueError(f"`rglru_conv_kernel_dim` must be an integer >= 1, got {self.rglru_conv_kernel_dim!r}.")
+        chunk = self.rglru_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(
+                f"`rglru_chunk_size` must be None (time loop) or a positive integer, got {self.rglru_chunk_size!r}."
+            )
+        if not isinstance(self.slstm_conv_kernel_dim, int) or self.slstm_conv_kernel_dim < 0:
+            raise ValueError(
+                f"`slstm_conv_kernel_dim` must be an integer >= 0 (0: no conv), got {self.slstm_conv_kernel_dim!r}."
+            )
+        if self.slstm_forget_gate not in ("sigmoid", "exp"):
+            raise ValueError(f"`slstm_forget_gate` must be 'sigmoid' or 'exp', got {self.slstm_forget_gate!r}.")
+        splits = []
+        if "rglru" in blocks:
+            splits.append(("rglru_width", "rglru_num_heads"))
+        if "slstm" in blocks:
+            splits.append(("hidden_size", "slstm_num_heads"))
+        for width_name, heads_name in splits:
+            width, heads = getattr(self, width_name), getattr(self, heads_name)
+            for name, value in ((width_name, width), (heads_name, heads)):
+                if not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            if width % heads != 0:
+                raise ValueError(
+                    f"`{width_name}` ({width}) must be divisible by `{heads_name}` ({heads}): the block-diagonal "
+                    "weights split it into equal heads."
                 )
 
 

@@ -94,6 +94,11 @@ class HybridPreTrainedModel(PreTrainedModel):
         if hasattr(module, "init_custom_parameters"):
             module.init_custom_parameters()
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers skips custom-code modules without parameters of their own; a block whose own init writes its
+        # children's parameters (the LSTM's forget bias, the mLSTM gate biases) must not be skipped
+        super()._initialize_weights(module, is_custom_code and not hasattr(module, "init_custom_parameters"))
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         # generate() must not build a DynamicCache: the model creates its own HybridCache on the first forward

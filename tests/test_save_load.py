@@ -97,3 +97,19 @@ def test_remote_code_loads_where_hybridzoo_is_not_installed(tmp_path):
         "HybridModel",
         "HybridForSequenceClassification",
     )
+
+
+def test_block_initialisation_runs_and_loading_keeps_the_saved_values(tmp_path):
+    model = HybridForCausalLM(tiny_config("LG"))
+    lstm = model.model.layers[0].mixer.lstm
+    size = lstm.hidden_size
+    assert torch.all(lstm.bias_ih_l0[size : 2 * size] == 1.0)  # forget-gate bias 1, set by the block's own init
+    gdn = model.model.layers[1].mixer
+    assert torch.all((gdn.A_log.exp() >= 1) & (gdn.A_log.exp() <= 16))
+    with torch.no_grad():
+        lstm.bias_ih_l0.fill_(0.25)
+        gdn.A_log.fill_(0.5)
+    model.save_pretrained(tmp_path)
+    loaded = HybridForCausalLM.from_pretrained(tmp_path)
+    assert torch.all(loaded.model.layers[0].mixer.lstm.bias_ih_l0 == 0.25)
+    assert torch.all(loaded.model.layers[1].mixer.A_log == 0.5)

@@ -1,0 +1,147 @@
+"""Griffin's recurrent block with the Real-Gated Linear Recurrent Unit (De et al., 2024; RecurrentGemma).
+
+Two branches from x:
+
+    gate = GeLU(linear_y(x))
+    u    = causal_conv1d(linear_x(x))                         (depthwise, width 4)
+    r_t  = sigmoid(W_a u_t + b_a),  i_t = sigmoid(W_x u_t + b_x)   (block-diagonal: one d x d matrix per head)
+    log a_t = -c * r_t * softplus(Lambda),  c = 8
+    h_t  = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * u_t)
+    y    = out_proj(h * gate)
+
+The recurrence is diagonal and linear in h, so it runs through `ops_rglru.linear_recurrence` (a time loop on CPU;
+see there for the measurements). Decoding a token is the same call with T = 1.
+State per sequence: the conv window `[K - 1, width]` and `h` `[width]` (float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import transformers.initialization as init
+from torch import nn
+from torch.nn import functional as F
+
+from .ops_conv import causal_conv1d
+from .ops_rglru import linear_recurrence
+
+GATE_SCALE = 8.0  # the constant c of the paper
+
+
+class _SqrtBoundedGrad(torch.autograd.Function):
+    """`sqrt(x)` whose derivative is capped (at x = 1e-6) instead of growing to infinity as `a_t -> 1`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * 0.5 * torch.rsqrt(x.clamp_min(1e-6))
+
+
+def rglru_coefficients(log_a: torch.Tensor, gated_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a_t` and `b_t = sqrt(1 - a_t^2) * gated_x` of the RG-LRU; `1 - a^2 = -expm1(2 log a)` is exact near a = 1."""
+    return torch.exp(log_a), _SqrtBoundedGrad.apply(-torch.expm1(2.0 * log_a)) * gated_x
+
+
+class HybridRGLRU(nn.Module):
+    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+    pattern_letter = "R"
+    is_recurrent = True
+
+    def __init__(self, config, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.width = config.rglru_width
+        self.num_heads = config.rglru_num_heads
+        self.head_dim = self.width // self.num_heads
+        self.conv_kernel_size = config.rglru_conv_kernel_dim
+        self.chunk_size = config.rglru_chunk_size  # None: the time loop (fastest on CPU); int: the chunked form
+
+        self.linear_y = nn.Linear(self.hidden_size, self.width)  # gate branch
+        self.linear_x = nn.Linear(self.hidden_size, self.width)  # recurrence branch
+        self.conv1d = nn.Conv1d(self.width, self.width, self.conv_kernel_size, groups=self.width)
+        # block-diagonal gate weights, [heads, d_in, d_out]: W_a for the recurrence gate r, W_x for the input gate i
+        self.a_gate_weight = nn.Parameter(torch.empty(self.num_heads, self.head_dim, self.head_dim))
+        self.a_gate_bias = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.x_gate_weight = nn.Parameter(torch.empty(self.num_heads, self.head_dim, self.head_dim))
+        self.x_gate_bias = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+        self.a_param = nn.Parameter(torch.empty(self.width))  # Lambda
+        self.out_proj = nn.Linear(self.width, self.hidden_size)
+
+    state_formula = "b·(K−1)·W (conv window) + b·W (h)"
+
+    @staticmethod
+    def state_bytes(config, dtype_bytes: int) -> int:
+        """Bytes of recurrent state per sequence: the conv window and the diagonal recurrence h."""
+        return dtype_bytes * config.rglru_width * config.rglru_conv_kernel_dim
+
+    @staticmethod
+    def parameter_count(config) -> int:
+        """Closed form of this block's parameters (checked against the instantiated module in tests)."""
+        hidden, width, heads = config.hidden_size, config.rglru_width, config.rglru_num_heads
+        head_dim = width // heads
+        branches = 2 * (hidden * width + width)  # linear_y, linear_x
+        conv = width * config.rglru_conv_kernel_dim + width
+        gates = 2 * (heads * head_dim * head_dim + heads * head_dim)
+        return branches + conv + gates + width + width * hidden + hidden
+
+    @torch.no_grad()
+    def init_custom_parameters(self) -> None:
+        """Gates: LeCun normal per head, zero bias. Lambda: `a^c = exp(-c softplus(Lambda))` uniform in [0.9, 0.999].
+
+        (This follows the paper's wording. RecurrentGemma's code draws `a^2` uniform in [0.81, 0.998] for the base
+        `a = exp(-softplus(Lambda))`, before the `c` — a faster-decaying start.)
+        """
+        std = 1.0 / math.sqrt(self.head_dim)
+        for weight in (self.a_gate_weight, self.x_gate_weight):
+            init.normal_(weight, mean=0.0, std=std)
+        for bias in (self.a_gate_bias, self.x_gate_bias):
+            init.zeros_(bias)
+        a_pow_c = torch.empty_like(self.a_param).uniform_(0.9, 0.999)
+        softplus_value = -torch.log(a_pow_c) / GATE_SCALE
+        init.copy_(self.a_param, softplus_value + torch.log(-torch.expm1(-softplus_value)))  # inverse softplus
+
+    def _block_diagonal(self, u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """`[B, T, width]` through one `[d, d]` matrix per head."""
+        heads = u.unflatten(-1, (self.num_heads, self.head_dim))
+        return (torch.einsum("bthi,hij->bthj", heads, weight) + bias).flatten(-2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        reset: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Run the block over `[B, T, hidden]` from `state` = (conv `[B, K-1, width]`, h `[B, width]`) or None.
+
+        `mask` `[B, T]` (False at padding) makes padded steps identity transitions; `reset` `[B, T]` clears the state
+        where a new document starts. Returns `(y [B, T, hidden], new_state)`.
+        """
+        conv_state, h = state if state is not None else (None, None)
+        gate = F.gelu(self.linear_y(hidden_states), approximate="tanh")
+        u = self.linear_x(hidden_states)
+        u, conv_state = causal_conv1d(u, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
+        u = u + self.conv1d.bias
+
+        # the gates and the recurrence in (at least) float32: a^t over thousands of steps needs the precision
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        u = u.to(dtype)
+        r = torch.sigmoid(self._block_diagonal(u, self.a_gate_weight.to(dtype), self.a_gate_bias.to(dtype)))
+        i = torch.sigmoid(self._block_diagonal(u, self.x_gate_weight.to(dtype), self.x_gate_bias.to(dtype)))
+        log_a = -GATE_SCALE * r * F.softplus(self.a_param.to(dtype))
+        a, b = rglru_coefficients(log_a, i * u)
+        states, h = linear_recurrence(a, b, h, mask=mask, reset=reset, chunk_size=self.chunk_size)
+
+        y = self.out_proj(states.to(hidden_states.dtype) * gate)
+        return y, (conv_state, h)
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sequence shapes of the carried state (without the batch dim); `h` is float32."""
+        return {"conv": (self.conv_kernel_size - 1, self.width), "recurrent": (self.width,)}
