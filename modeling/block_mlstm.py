@@ -86,6 +86,7 @@ class HybridMLSTM(nn.Module):
         self.fgate_proj = nn.Linear(self.hidden_size, self.num_heads, bias=True)  # forget gate, one per head
         self.norm = HybridMultiHeadLayerNorm(self.num_heads, self.head_v_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(self.v_dim, self.hidden_size, bias=False)
+        self.init_custom_parameters()  # usable on its own; from_pretrained overwrites these anyway
 
     state_formula = "4·H·(Dqk·Dv + Dqk + 1) (fp32 C, n, m)"
 

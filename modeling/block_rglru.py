@@ -73,13 +73,14 @@ class HybridRGLRU(nn.Module):
         self.x_gate_bias = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
         self.a_param = nn.Parameter(torch.empty(self.width))  # Lambda
         self.out_proj = nn.Linear(self.width, self.hidden_size)
+        self.init_custom_parameters()  # usable on its own; from_pretrained overwrites these anyway
 
-    state_formula = "b·(K−1)·W (conv window) + b·W (h)"
+    state_formula = "b·(K−1)·W (conv window) + 4·W (fp32 h)"
 
     @staticmethod
     def state_bytes(config, dtype_bytes: int) -> int:
         """Bytes of recurrent state per sequence: the conv window and the diagonal recurrence h."""
-        return dtype_bytes * config.rglru_width * config.rglru_conv_kernel_dim
+        return dtype_bytes * config.rglru_width * (config.rglru_conv_kernel_dim - 1) + 4 * config.rglru_width
 
     @staticmethod
     def parameter_count(config) -> int:

@@ -45,6 +45,7 @@ class HybridSLSTM(nn.Module):
         self.recurrent_weight = nn.Parameter(torch.empty(self.num_heads, self.head_dim, 4 * self.head_dim))
         self.norm = nn.GroupNorm(self.num_heads, self.hidden_size, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        self.init_custom_parameters()  # usable on its own; from_pretrained overwrites these anyway
 
     state_formula = "4·b·D (c, n, m, h) + b·(K−1)·D (conv window, when K > 0)"
 

@@ -65,7 +65,8 @@ def causal_conv1d(
             tap = tap * same_document.unsqueeze(-1).to(tap.dtype)
         y = y + tap * weight[:, -1 - shift]
 
-    new_state = history[:, history.shape[1] - (width - 1) :]
+    # a copy: a view would keep the whole `history` (the prompt) alive in the cache
+    new_state = history[:, history.shape[1] - (width - 1) :].clone()
     if starts is not None and width > 1:
         # a document that started within the last K - 1 positions must not see older inputs at the next call
         keep = segment[:, segment.shape[1] - (width - 1) :] == segment[:, -1:]

@@ -1,0 +1,170 @@
+"""`hybridzoo compare`: train several zoo architectures on the same synthetic task with the same budget, side by side.
+
+Zoology's setting: 2 layers, no MLP (`intermediate_size=0`), the same width, AdamW + cosine, the same number of steps
+and the same data stream for every architecture; accuracy at the query positions with argmax over the full vocabulary,
+with a 95% Wilson interval. The default grid (MQAR (T, kv) = (64, 8), V = 512, d = 64) finishes in a few minutes on 2
+CPU cores; `--slices`, `--d-models`, `--steps` give Zoology-sized grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from hybridzoo.configs.zoo import ARCHITECTURES, zoo_config
+
+from .harness import make_rows, model_info, write_outputs
+from .metrics import evaluate_task
+from .tasks import TaskMixture, chance_accuracy, make_task
+from .train import train_on_task
+
+
+@dataclass
+class CompareSettings:
+    architectures: list[str] = field(default_factory=lambda: ["transformer", "gated-deltanet", "lstm"])
+    task: str = "mqar"
+    train_slices: list[tuple[int, int]] = field(default_factory=lambda: [(64, 8)])  # (seq_len, num_kv_pairs)
+    test_slices: list[tuple[int, int]] | None = None  # None: the training slices
+    d_models: list[int] = field(default_factory=lambda: [64])
+    num_heads: int = 2  # Zoology's trade-off sweep: 2 heads for attention and (Gated) DeltaNet
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    vocab_size: int = 512
+    random_non_queries: bool = False  # Zoology's Fig. 2 setting: blanks stay 0
+    test_examples: int = 500
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: leave torch's default)
+    output_dir: str = "outputs/compare"
+
+
+def compare_config(architecture: str, d_model: int, settings: CompareSettings):
+    """The 2-layer, MLP-free config of `architecture` at width `d_model` (heads as in Zoology's trade-off sweep)."""
+    longest = max(t for t, _ in settings.train_slices + (settings.test_slices or []))
+    return zoo_config(architecture, "tiny", vocab_size=settings.vocab_size, hidden_size=d_model, num_hidden_layers=2,
+                      intermediate_size=0, num_attention_heads=settings.num_heads,
+                      num_key_value_heads=settings.num_heads, max_position_embeddings=max(2048, longest))
+
+
+def _slice_task(settings: CompareSettings, seq_len: int, num_kv_pairs: int):
+    return make_task(settings.task, vocab_size=settings.vocab_size, seq_len=seq_len, num_kv_pairs=num_kv_pairs,
+                     random_non_queries=settings.random_non_queries)
+
+
+def run_compare(settings: CompareSettings, log=print) -> tuple[list[dict], dict[str, Path]]:
+    """Train every (architecture, width) on the training slices, evaluate on the test slices, write the outputs."""
+    for architecture in settings.architectures:
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    train_task = TaskMixture([_slice_task(settings, t, kv) for t, kv in settings.train_slices])
+    test_slices = settings.test_slices or settings.train_slices
+    rows: list[dict] = []
+    for d_model in settings.d_models:
+        for architecture in settings.architectures:
+            label = f"{architecture} d={d_model}"
+            model = train_on_task(compare_config(architecture, d_model, settings), train_task, settings.steps,
+                                  batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
+                                  description=label)
+            info = model_info(model, architecture)
+            seconds = model.training_log["seconds"]
+            for seq_len, kv in test_slices:
+                task = _slice_task(settings, seq_len, kv)
+                start = time.perf_counter()
+                metrics = evaluate_task(model, task, settings.test_examples, seed=settings.seed + 10_000)
+                cell = {"num_kv_pairs": kv, "train_seconds": seconds, "train_steps": settings.steps,
+                        "eval_seconds": time.perf_counter() - start, "chance": chance_accuracy(task),
+                        "final_train_loss": model.training_log["final_loss"]}
+                rows += make_rows(info, settings.task, seq_len, settings.seed, metrics, **cell)
+                accuracy = next(m for m in metrics if m["metric"] == "accuracy")
+                log(f"{label} (T={seq_len}, kv={kv}): accuracy {accuracy['value']:.3f} "
+                    f"[{accuracy['ci_low']:.3f}, {accuracy['ci_high']:.3f}] n={accuracy['n']}, "
+                    f"trained {seconds:.0f} s")
+            # rewrite the results after every model, so a long grid that is stopped keeps what it measured
+            write_outputs(rows, {}, settings.output_dir, title=f"hybridzoo compare ({settings.task}, partial)")
+    out = Path(settings.output_dir)
+    written = write_outputs(rows, {}, out, title=f"hybridzoo compare ({settings.task})")
+    table = compare_table(rows, settings)
+    written["compare"] = out / "compare.md"
+    written["compare"].write_text(table + "\n")
+    (out / "settings.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    return rows, written
+
+
+def compare_table(rows: list[dict], settings: CompareSettings) -> str:
+    """The side-by-side table: one line per (architecture, width), one accuracy column per test slice."""
+    slices = sorted({(r["length"], r["num_kv_pairs"]) for r in rows})
+    header = ["architecture", "d", "pattern", "state bytes (longest slice)", "train s"]
+    header += [f"T={t}, kv={kv}" for t, kv in slices]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    models = []
+    for r in rows:
+        key = (r["architecture"], r["d_model"])
+        if key not in models:
+            models.append(key)
+    for architecture, d_model in models:
+        mine = [r for r in rows if (r["architecture"], r["d_model"]) == (architecture, d_model)
+                and r["metric"] == "accuracy"]
+        longest = max(mine, key=lambda r: r["length"])
+        cells = [architecture, str(d_model), mine[0]["pattern"], f"{longest['state_bytes']:,}",
+                 f"{mine[0]['train_seconds']:.0f}"]
+        for t, kv in slices:
+            match = [r for r in mine if (r["length"], r["num_kv_pairs"]) == (t, kv)]
+            cells.append(f"{match[0]['value']:.3f} [{match[0]['ci_low']:.3f}, {match[0]['ci_high']:.3f}]"
+                         if match else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    n = rows[0]["n"] if rows else 0
+    chance = rows[0].get("chance", 0) if rows else 0
+    lines.append("")
+    lines.append(f"Accuracy at the query positions (argmax over all {settings.vocab_size} tokens), 95% Wilson interval "
+                 f"over n = {n:,} queries ({settings.test_examples} examples); chance = {chance:.4f}. "
+                 f"{settings.steps} steps × batch {settings.batch_size}, AdamW lr {settings.lr}, cosine; 2 layers, "
+                 f"no MLP.")
+    return "\n".join(lines)
+
+
+def _slices(text: list[str]) -> list[tuple[int, int]]:
+    """`64:4 128:16` -> [(64, 4), (128, 16)]."""
+    try:
+        return [tuple(int(x) for x in item.split(":")) for item in text]  # type: ignore[misc]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"slices look like 64:4 (seq_len:num_kv_pairs), got {text}") from error
+
+
+def add_compare_subcommand(subparsers) -> None:
+    defaults = CompareSettings()
+    parser = subparsers.add_parser("compare", help="train zoo architectures on one synthetic task, side by side")
+    parser.add_argument("--architectures", nargs="+", default=defaults.architectures, choices=list(ARCHITECTURES))
+    parser.add_argument("--task", default=defaults.task, choices=["mqar", "forgetting_mqar"])
+    parser.add_argument("--slices", nargs="+", default=[f"{t}:{kv}" for t, kv in defaults.train_slices],
+                        help="training slices seq_len:num_kv_pairs (Zoology grid: 64:4 128:8 256:16 512:64)")
+    parser.add_argument("--test-slices", nargs="+", help="test slices (default: the training slices), e.g. 512:128")
+    parser.add_argument("--d-models", type=int, nargs="+", default=defaults.d_models)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
+    parser.add_argument("--test-examples", type=int, default=defaults.test_examples)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output-dir", default=defaults.output_dir)
+
+    def handler(args) -> int:
+        settings = CompareSettings(architectures=args.architectures, task=args.task, train_slices=_slices(args.slices),
+                                   test_slices=_slices(args.test_slices) if args.test_slices else None,
+                                   d_models=args.d_models, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   vocab_size=args.vocab_size, test_examples=args.test_examples, seed=args.seed,
+                                   threads=args.threads, output_dir=args.output_dir)
+        _, written = run_compare(settings)
+        print(written["compare"].read_text())
+        for name, path in written.items():
+            print(f"{name}: {path}")
+        return 0
+
+    parser.set_defaults(handler=handler)

@@ -1,0 +1,377 @@
+"""`hybridzoo eval`: run the retrieval / long-context suites on a saved model or a zoo architecture.
+
+Results are long-format rows, one per measurement (`architecture, pattern, d_model, state_bytes, task, length,
+depth, num_kv_pairs, metric, value, ci_low, ci_high, n, seed`), written as `results.jsonl`, a markdown table
+`results.md` and PNG plots (recall vs state bytes, a length × depth heatmap per NIAH task, loss by position with the
+training length marked, ms/token vs context).
+
+Token-level tasks use the model's own vocabulary size, so a model trained by a recipe on `data.task: passkey` (same
+`vocab_size`) sees exactly the token ids it was trained on. A zoo name gives an untrained tiny model: a baseline and a
+pipeline check (decode cost is meaningful untrained); use `hybridzoo compare` to train and compare architectures.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hybridzoo.configs.zoo import ARCHITECTURES, describe, zoo_config
+
+from . import plots
+from .metrics import Accumulator, evaluate_task, loss_by_position, score_batch
+from .tasks import MQAR_EXTRAPOLATION_SLICES, MQAR_STANDARD_SLICES, WordVocabulary, make_task
+
+SUITES = ("retrieval", "long-context", "all")
+NIAH_TASKS = ("passkey", "niah_single_2", "niah_single_3", "niah_multikey")
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_LENGTHS = (256, 512, 1024)
+DECODE_LENGTHS = (256, 1024, 4096, 16384)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models and their description
+
+
+def load_model(spec: str, size: str = "tiny", vocab_size: int | None = None):
+    """A saved model folder (loaded with `trust_remote_code`) or a zoo architecture name (untrained, `size`)."""
+    if Path(spec).is_dir():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=torch.float32)
+        label = Path(spec).name
+    elif spec in ARCHITECTURES:
+        from hybridzoo.modeling import HybridForCausalLM
+
+        overrides = {"vocab_size": vocab_size} if vocab_size else {}
+        torch.manual_seed(0)
+        model = HybridForCausalLM(zoo_config(spec, size, **overrides))
+        label = spec
+    else:
+        known = ", ".join(ARCHITECTURES)
+        raise ValueError(f"{spec!r} is neither a saved model folder nor a zoo architecture ({known})")
+    model.eval()
+    return model, label
+
+
+def model_info(model, label: str) -> dict:
+    """Architecture fields shared by every row of this model; state sizes from the zoo's closed forms."""
+    config = model.config
+    info = {"architecture": label, "pattern": None, "d_model": getattr(config, "hidden_size", None),
+            "recurrent_state_bytes": None, "kv_bytes_per_token": None, "sliding_window": None}
+    if getattr(config, "block_types", None):
+        described = describe(config)
+        info.update(pattern=described["pattern"], recurrent_state_bytes=described["recurrent_state_bytes"],
+                    kv_bytes_per_token=described["kv_bytes_per_token"], sliding_window=described["sliding_window"])
+    return info
+
+
+def state_bytes_at(info: dict, length: int) -> int | None:
+    """Bytes of decoding state after `length` tokens: fixed recurrent state + KV (capped by a sliding window)."""
+    if info["recurrent_state_bytes"] is None:
+        return None
+    kv_tokens = min(length, info["sliding_window"]) if info["sliding_window"] else length
+    return info["recurrent_state_bytes"] + info["kv_bytes_per_token"] * kv_tokens
+
+
+def make_rows(info: dict, task: str, length: int, seed: int, metrics: Iterable[dict], **cell) -> list[dict]:
+    base = {"architecture": info["architecture"], "pattern": info["pattern"], "d_model": info["d_model"],
+            "state_bytes": state_bytes_at(info, length), "task": task, "length": length,
+            "depth": cell.pop("depth", None), "num_kv_pairs": cell.pop("num_kv_pairs", None), "seed": seed}
+    return [{**base, **cell, **metric} for metric in metrics]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the suites
+
+
+def mqar_slices(vocab_size: int, lengths: Iterable[int] | None) -> list[tuple[int, int]]:
+    """Zoology's test slices that this vocabulary allows (V > T), restricted to `lengths` when given."""
+    chosen = MQAR_STANDARD_SLICES + MQAR_EXTRAPOLATION_SLICES
+    if lengths:
+        chosen = [s for s in chosen if s[0] in set(lengths)]
+    return [(T, kv) for T, kv in chosen if vocab_size > T]
+
+
+def run_mqar(model, info: dict, slices: list[tuple[int, int]], num_examples: int, seed: int,
+             batch_size: int) -> list[dict]:
+    rows = []
+    for T, kv in tqdm(slices, desc="mqar slices", leave=False):
+        task = make_task("mqar", vocab_size=model.config.vocab_size, seq_len=T, num_kv_pairs=kv)
+        metrics = evaluate_task(model, task, num_examples, seed, batch_size)
+        rows += make_rows(info, "mqar", T, seed, metrics, num_kv_pairs=kv)
+    return rows
+
+
+def run_forgetting(model, info: dict, lengths: list[int], num_examples: int, seed: int, batch_size: int) -> list[dict]:
+    """Forgetting MQAR, scored separately on re-assigned and untouched keys."""
+    rows = []
+    for T in lengths:
+        if model.config.vocab_size <= T or T < 48:
+            continue
+        task = make_task("forgetting_mqar", vocab_size=model.config.vocab_size, seq_len=T)
+        updated, untouched = Accumulator(), Accumulator()
+        for start in range(0, num_examples, batch_size):
+            size = min(batch_size, num_examples - start)
+            batch = task.batch(size, seed=seed * 1_000_003 + start)
+            for accumulator, keep in ((updated, batch["updated"]), (untouched, ~batch["updated"])):
+                masked = dict(batch, labels=batch["labels"].masked_fill(~keep, -100))
+                accumulator.add(score_batch(model, masked))
+        for name, accumulator in (("forgetting_mqar_updated", updated), ("forgetting_mqar_untouched", untouched)):
+            rows += make_rows(info, name, T, seed, accumulator.metrics(), num_kv_pairs=task.num_kv_pairs)
+    return rows
+
+
+def run_word_tasks(model, info: dict, names: Iterable[str], lengths: list[int], depths: Iterable[float | None],
+                   num_examples: int, seed: int, batch_size: int) -> list[dict]:
+    """NIAH-style tasks over the length × depth grid (depth None: a task without a needle depth)."""
+    rows = []
+    grid = [(name, length, depth) for name in names for length in lengths
+            for depth in (depths if name in NIAH_TASKS else [None])]
+    for name, length, depth in tqdm(grid, desc="needle tasks", leave=False):
+        params = {"vocab_size": model.config.vocab_size, "seq_len": length}
+        if depth is not None:
+            params["depth"] = depth
+        task = make_task(name, **params)
+        try:
+            metrics = evaluate_task(model, task, num_examples, seed, batch_size)
+        except ValueError as error:  # e.g. a 16-character uuid needle and its question do not fit in 64 tokens
+            tqdm.write(f"skipped {name} at length {length}: {error}")
+            continue
+        rows += make_rows(info, name, length, seed, metrics, depth=depth)
+    return rows
+
+
+def run_state_tracking(model, info: dict, lengths: Iterable[int], num_examples: int, seed: int,
+                       batch_size: int) -> list[dict]:
+    rows = []
+    for name in ("copy", "parity"):
+        for length in lengths:
+            task = make_task(name, vocab_size=model.config.vocab_size, length=length)
+            rows += make_rows(info, name, task.seq_len, seed, evaluate_task(model, task, num_examples, seed,
+                                                                            batch_size), item_length=length)
+    return rows
+
+
+def run_loss_by_position(model, info: dict, train_length: int, multiples: Iterable[int], num_examples: int,
+                         seed: int, batch_size: int) -> tuple[list[dict], dict[str, list[float]]]:
+    """Loss by position on `lm_stream` documents at T, 2T, 4T, 8T (T = the training length): the mean over all
+    positions and over the positions beyond T, and the per-position curve at the longest length."""
+    rows, curve = [], []
+    for multiple in multiples:
+        length = train_length * multiple
+        task = make_task("lm_stream", vocab_size=model.config.vocab_size, seq_len=length)
+        total = torch.zeros(length - 1)
+        batches = 0
+        for start in range(0, num_examples, batch_size):
+            batch = task.batch(min(batch_size, num_examples - start), seed=seed * 1_000_003 + start)
+            total += loss_by_position(model, batch["input_ids"])
+            batches += 1
+        losses = (total / batches).tolist()
+        metrics = [{"metric": "loss", "value": sum(losses) / len(losses), "n": num_examples}]
+        if length > train_length:
+            beyond = losses[train_length - 1 :]
+            metrics.append({"metric": "loss_beyond_train", "value": sum(beyond) / len(beyond), "n": num_examples})
+        rows += make_rows(info, "lm_stream", length, seed, metrics, train_length=train_length)
+        curve = losses
+    return rows, {info["architecture"]: curve}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while inside the `with` block, sampled from /proc every 2 ms (Linux)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                import os
+
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    @property
+    def delta_mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+@torch.no_grad()
+def decode_cost(model, length: int, new_tokens: int = 16, seed: int = 0) -> dict:
+    """Prefill `length` random tokens (batch 1), then time `new_tokens` greedy steps with the cache."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(model.config.vocab_size, (1, length), generator=generator)
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        prefill = time.perf_counter() - start
+        cache = out.past_key_values
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+        decode = time.perf_counter() - start
+    sizes = cache.state_bytes() if hasattr(cache, "state_bytes") else {"recurrent": None, "kv": None}
+    return {"ms_per_token": 1000 * decode / new_tokens, "prefill_s": prefill, "peak_rss_delta_mib": memory.delta_mib,
+            "cache_recurrent_bytes": sizes["recurrent"], "cache_kv_bytes": sizes["kv"]}
+
+
+def run_decode_cost(model, info: dict, lengths: Iterable[int], new_tokens: int, seed: int) -> list[dict]:
+    rows = []
+    for length in tqdm(list(lengths), desc="decode cost", leave=False):
+        measured = decode_cost(model, length, new_tokens, seed)
+        metrics = [{"metric": name, "value": value, "n": new_tokens} for name, value in measured.items()]
+        rows += make_rows(info, "decode_cost", length, seed, metrics)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the whole run and its outputs
+
+
+def evaluate_model(model, label: str, suite: str = "retrieval", lengths: list[int] | None = None,
+                   num_examples: int = 100, seed: int = 0, batch_size: int = 16, train_length: int = 256,
+                   decode_lengths: list[int] | None = None, decode_tokens: int = 16,
+                   depths: Iterable[float] = DEPTHS) -> tuple[list[dict], dict[str, list[float]]]:
+    """All rows of `suite` for one model, and its loss-by-position curve (long-context suites)."""
+    if suite not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
+    info = model_info(model, label)
+    vocab_size = model.config.vocab_size
+    word_tasks_fit = vocab_size >= WordVocabulary.minimum_size()
+    lengths = sorted(lengths) if lengths else list(DEFAULT_LENGTHS)
+    rows: list[dict] = []
+    curves: dict[str, list[float]] = {}
+    if suite in ("retrieval", "all"):
+        rows += run_mqar(model, info, mqar_slices(vocab_size, None if lengths == list(DEFAULT_LENGTHS) else lengths),
+                         num_examples, seed, batch_size)
+        rows += run_forgetting(model, info, [length for length in (128, 256) if not lengths or length <= max(lengths)],
+                               num_examples, seed, batch_size)
+        if word_tasks_fit:
+            rows += run_word_tasks(model, info, [*NIAH_TASKS, "variable_tracking"], lengths, depths, num_examples,
+                                   seed, batch_size)
+    if suite in ("long-context", "all"):
+        if word_tasks_fit:
+            loss_rows, curves = run_loss_by_position(model, info, train_length, (1, 2, 4, 8), num_examples, seed,
+                                                     batch_size)
+            rows += loss_rows
+            if suite == "long-context":  # passkey over T..8T: retention beyond the training length
+                long_lengths = [train_length * m for m in (1, 2, 4, 8)]
+                rows += run_word_tasks(model, info, ["passkey"], long_lengths, depths, num_examples, seed, batch_size)
+        rows += run_decode_cost(model, info, decode_lengths or DECODE_LENGTHS, decode_tokens, seed)
+    if suite == "all" and word_tasks_fit:
+        rows += run_state_tracking(model, info, (16, 64), num_examples, seed, batch_size)
+    return rows, curves
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def markdown_table(rows: list[dict], metrics: Iterable[str] = ("accuracy", "exact", "loss", "loss_beyond_train",
+                                                               "ms_per_token", "cache_kv_bytes")) -> str:
+    """One line per measurement of the main metrics, with the 95% interval and n."""
+    wanted = set(metrics)
+    lines = ["| architecture | state bytes | task | length | kv | depth | metric | value | 95% CI | n |",
+             "|---|---:|---|---:|---:|---:|---|---:|---|---:|"]
+    for r in rows:
+        if r["metric"] not in wanted:
+            continue
+        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r.get("ci_low") is not None else ""
+        lines.append(f"| {r['architecture']} | {_format(r['state_bytes'])} | {r['task']} | {r['length']} | "
+                     f"{_format(r['num_kv_pairs'])} | {_format(r['depth'])} | {r['metric']} | {_format(r['value'])} | "
+                     f"{ci} | {_format(r.get('n'))} |")
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], curves: dict[str, list[float]], out_dir: str | Path,
+                  train_length: int | None = None, title: str = "hybridzoo eval") -> dict[str, Path]:
+    """results.jsonl, results.md and every plot the rows allow; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"jsonl": out / "results.jsonl", "markdown": out / "results.md"}
+    with open(written["jsonl"], "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    written["markdown"].write_text(f"# {title}\n\n{markdown_table(rows)}\n")
+    candidates = {"recall_vs_state": plots.recall_vs_state(rows, out / "recall_vs_state.png"),
+                  "loss_by_position": plots.loss_by_position(curves, out / "loss_by_position.png", train_length),
+                  "decode_cost": plots.decode_cost(rows, out / "decode_cost.png"),
+                  "accuracy": plots.accuracy_bars([r for r in rows if r["task"].startswith("mqar")],
+                                                  out / "accuracy.png")}
+    for task in sorted({r["task"] for r in rows if r.get("depth") is not None}):
+        for architecture in sorted({r["architecture"] for r in rows}):
+            name = f"heatmap_{task}_{architecture}".replace("/", "_")
+            candidates[name] = plots.niah_heatmap(rows, out / f"{name}.png", task, architecture)
+    written.update({name: path for name, path in candidates.items() if path is not None})
+    return written
+
+
+def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "outputs/eval", size: str = "tiny",
+             **kwargs) -> dict[str, Path]:
+    """`hybridzoo eval` as a function: evaluate every model spec and write the combined outputs."""
+    rows, curves = [], {}
+    for spec in models:
+        model, label = load_model(spec, size=size)
+        model_rows, model_curves = evaluate_model(model, label, suite, **kwargs)
+        rows += model_rows
+        curves.update(model_curves)
+    return write_outputs(rows, curves, out_dir, kwargs.get("train_length", 256), title=f"hybridzoo eval ({suite})")
+
+
+def add_subcommand(subparsers) -> None:
+    """`hybridzoo eval MODEL... --suite ...` and `hybridzoo compare ...` (compare lives in compare.py)."""
+    parser = subparsers.add_parser("eval", help="run the retrieval / long-context eval suites on models")
+    parser.add_argument("models", nargs="+", help="saved model folders or zoo architecture names (untrained)")
+    parser.add_argument("--suite", choices=SUITES, default="retrieval")
+    parser.add_argument("--lengths", type=int, nargs="+", help="context lengths for the needle tasks and MQAR slices")
+    parser.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS))
+    parser.add_argument("--examples", type=int, default=100, help="examples per cell")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-length", type=int, default=256, help="the models' training length T (loss by "
+                        "position is measured at T, 2T, 4T, 8T)")
+    parser.add_argument("--decode-lengths", type=int, nargs="+", default=list(DECODE_LENGTHS))
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--size", default="tiny", help="zoo size for architecture names")
+    parser.add_argument("--output-dir", default="outputs/eval")
+
+    def handler(args) -> int:
+        written = run_eval(args.models, args.suite, args.output_dir, args.size, lengths=args.lengths,
+                           num_examples=args.examples, seed=args.seed, batch_size=args.batch_size,
+                           train_length=args.train_length, decode_lengths=args.decode_lengths,
+                           decode_tokens=args.decode_tokens, depths=args.depths)
+        print(written["markdown"].read_text())
+        for name, path in written.items():
+            print(f"{name}: {path}")
+        return 0
+
+    parser.set_defaults(handler=handler)
+    from .compare import add_compare_subcommand
+
+    add_compare_subcommand(subparsers)

@@ -1,0 +1,144 @@
+"""PNG plots from the long-format result rows (one dict per measurement, as written to results.jsonl)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=100)
+    plt.close(figure)
+    return path
+
+
+def recall_vs_state(rows: list[dict], path: Path, task: str = "mqar") -> Path | None:
+    """The Zoology/Based recall–memory plot: mean accuracy over the MQAR slices vs state bytes (log x), one marker
+    per architecture and width. The state is the bytes needed at the longest slice (KV cache for attention)."""
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["task"] == task and row["metric"] == "accuracy" and row.get("state_bytes"):
+            groups[(row["architecture"], row.get("d_model"))].append(row)
+    for (architecture, _d), cells in groups.items():
+        longest = max(cells, key=lambda r: r["length"])
+        points[architecture].append((longest["state_bytes"], sum(r["value"] for r in cells) / len(cells)))
+    if not points:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for architecture, xy in sorted(points.items()):
+        xy.sort()
+        axis.plot(*zip(*xy, strict=True), marker="o", label=architecture)
+    axis.set_xscale("log")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("state bytes at the longest slice (recurrent + KV)")
+    axis.set_ylabel(f"{task} accuracy (mean over slices)")
+    axis.set_title("recall vs memory")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, path)
+
+
+def niah_heatmap(rows: list[dict], path: Path, task: str, architecture: str) -> Path | None:
+    """Length × depth heatmap of exact-match accuracy for one NIAH-style task and one model."""
+    cells = {(r["length"], r["depth"]): r["value"] for r in rows
+             if r["task"] == task and r["architecture"] == architecture and r["metric"] == "exact"
+             and r.get("depth") is not None}
+    if not cells:
+        return None
+    lengths = sorted({length for length, _ in cells})
+    depths = sorted({depth for _, depth in cells})
+    grid = [[cells.get((length, depth), math.nan) for length in lengths] for depth in depths]
+    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+    axis.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+    axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    axis.set_xlabel("context length (tokens)")
+    axis.set_ylabel("needle depth")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if not math.isnan(value):
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+    axis.set_title(f"{task}: {architecture}")
+    figure.colorbar(image, ax=axis, label="exact match")
+    return _save(figure, path)
+
+
+def loss_by_position(curves: dict[str, list[float]], path: Path, train_length: int | None) -> Path | None:
+    """Cross-entropy at each position (log x), one line per model, the training length marked."""
+    if not curves:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, losses in sorted(curves.items()):
+        axis.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1)
+    if train_length:
+        axis.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"train length {train_length}")
+    axis.set_xscale("log")
+    axis.set_xlabel("position")
+    axis.set_ylabel("loss (nats/token)")
+    axis.set_title("loss by position")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def decode_cost(rows: list[dict], path: Path) -> Path | None:
+    """Milliseconds per generated token vs prefilled context length (log-log), one line per model."""
+    lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in rows:
+        if row["task"] == "decode_cost" and row["metric"] == "ms_per_token":
+            lines[row["architecture"]].append((row["length"], row["value"]))
+    if not lines:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for architecture, xy in sorted(lines.items()):
+        xy.sort()
+        axis.plot(*zip(*xy, strict=True), marker="o", label=architecture)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("prefilled context (tokens)")
+    axis.set_ylabel("ms per generated token")
+    axis.set_title("decode cost")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, path)
+
+
+def accuracy_bars(rows: list[dict], path: Path, metric: str = "accuracy") -> Path | None:
+    """Accuracy with its 95% interval per (task cell, architecture): the compare side-by-side."""
+    cells = [r for r in rows if r["metric"] == metric and r.get("ci_low") is not None]
+    if not cells:
+        return None
+    keys = sorted({_cell(r) for r in cells})
+    architectures = sorted({r["architecture"] for r in cells})
+    width = 0.8 / len(architectures)
+    figure, axis = plt.subplots(figsize=(max(6, 1.5 * len(keys)), 4))
+    for a, architecture in enumerate(architectures):
+        xs, ys, errors = [], [], [[], []]
+        for k, key in enumerate(keys):
+            match = [r for r in cells if r["architecture"] == architecture and _cell(r) == key]
+            if match:
+                r = match[0]
+                xs.append(k + (a - (len(architectures) - 1) / 2) * width)
+                ys.append(r["value"])
+                errors[0].append(max(0.0, r["value"] - r["ci_low"]))
+                errors[1].append(max(0.0, r["ci_high"] - r["value"]))
+        axis.bar(xs, ys, width=width, yerr=errors, capsize=3, label=architecture)
+    axis.set_xticks(range(len(keys)), keys, rotation=20, fontsize=8)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel(f"{metric} (95% Wilson interval)")
+    axis.legend()
+    return _save(figure, path)
+
+
+def _cell(row: dict) -> str:
+    extra = f" kv={row['num_kv_pairs']}" if row.get("num_kv_pairs") else ""
+    d = f" d={row['d_model']}" if row.get("d_model") else ""
+    return f"{row['task']} T={row['length']}{extra}{d}"
