@@ -134,7 +134,7 @@ def accuracy_bars(rows: list[dict], path: Path, metric: str = "accuracy") -> Pat
     axis.set_xticks(range(len(keys)), keys, rotation=20, fontsize=8)
     axis.set_ylim(0, 1.05)
     axis.set_ylabel(f"{metric} (95% Wilson interval)")
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: bars reach 1.0
     return _save(figure, path)
 
 

@@ -16,7 +16,7 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
-from .layers import HybridRMSNormGated
+from .layers import HybridRMSNormGated, init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_gated_delta import gated_delta_rule
 
@@ -61,7 +61,9 @@ class HybridGatedDeltaNet(nn.Module):
 
     @torch.no_grad()
     def init_custom_parameters(self) -> None:
-        """Mamba-2 / fla initialisation of the decay: A in [1, 16], dt in [1e-3, 1e-1] log-uniform."""
+        """Mamba-2 / fla initialisation of the decay: A in [1, 16], dt in [1e-3, 1e-1] log-uniform; the short conv as
+        PyTorch initialises it (see `init_short_conv_`)."""
+        init_short_conv_(self.conv1d)
         init.copy_(self.A_log, torch.empty_like(self.A_log).uniform_(1, 16).log())
         dt = torch.exp(torch.rand_like(self.dt_bias) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
         dt = dt.clamp(min=1e-4)

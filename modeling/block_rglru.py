@@ -23,6 +23,7 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .layers import init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_rglru import linear_recurrence
 
@@ -99,6 +100,7 @@ class HybridRGLRU(nn.Module):
         (This follows the paper's wording. RecurrentGemma's code draws `a^2` uniform in [0.81, 0.998] for the base
         `a = exp(-softplus(Lambda))`, before the `c` — a faster-decaying start.)
         """
+        init_short_conv_(self.conv1d)
         std = 1.0 / math.sqrt(self.head_dim)
         for weight in (self.a_gate_weight, self.x_gate_weight):
             init.normal_(weight, mean=0.0, std=std)

@@ -16,6 +16,7 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .layers import init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_slstm import slstm_recurrence
 
@@ -69,6 +70,8 @@ class HybridSLSTM(nn.Module):
         """R like the other weights; biases zero except the forget gate: linspace(3, 6) over each head's units, so
         the cell starts out remembering over a spread of time scales (as xLSTM does)."""
         init.normal_(self.recurrent_weight, mean=0.0, std=self.initializer_range)
+        if self.conv1d is not None:
+            init_short_conv_(self.conv1d)
         bias = torch.zeros_like(self.gate_bias)
         bias[1] = torch.linspace(3.0, 6.0, self.head_dim, dtype=bias.dtype)
         init.copy_(self.gate_bias, bias)

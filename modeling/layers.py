@@ -1,13 +1,31 @@
-"""Small building blocks shared by every block type: norms, the gated MLP and rotary position embeddings."""
+"""Small building blocks shared by every block type: norms, the gated MLP, rotary position embeddings and the short
+convolutions' initialisation."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import math
+
 import torch
+import transformers.initialization as init
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+
+
+def init_short_conv_(conv: nn.Conv1d) -> None:
+    """PyTorch's own Conv1d initialisation, uniform(+-1/sqrt(fan_in)), as Mamba, fla and Zoology leave it.
+
+    transformers' generic `_init_weights` draws conv weights from normal(0, 0.02), which makes a 4-tap depthwise conv
+    ~15x weaker than this; measured on MQAR (T=64, kv=8, d=64), gated DeltaNet then stays at chance for 1500 steps,
+    while with this init it learns the task.
+    """
+    fan_in = conv.weight.shape[1] * conv.weight.shape[2]  # in_channels / groups * kernel size
+    bound = 1.0 / math.sqrt(fan_in)
+    init.uniform_(conv.weight, -bound, bound)
+    if conv.bias is not None:
+        init.uniform_(conv.bias, -bound, bound)
 
 
 class HybridRMSNorm(nn.Module):
