@@ -133,7 +133,10 @@ def run_word_tasks(model, info: dict, names: Iterable[str], lengths: list[int], 
     rows = []
     grid = [(name, length, depth) for name in names for length in lengths
             for depth in (depths if name in NIAH_TASKS else [None])]
+    too_short: set[tuple[str, int]] = set()
     for name, length, depth in tqdm(grid, desc="needle tasks", leave=False):
+        if (name, length) in too_short:
+            continue
         params = {"vocab_size": model.config.vocab_size, "seq_len": length}
         if depth is not None:
             params["depth"] = depth
@@ -142,6 +145,7 @@ def run_word_tasks(model, info: dict, names: Iterable[str], lengths: list[int], 
             metrics = evaluate_task(model, task, num_examples, seed, batch_size)
         except ValueError as error:  # e.g. a 16-character uuid needle and its question do not fit in 64 tokens
             tqdm.write(f"skipped {name} at length {length}: {error}")
+            too_short.add((name, length))  # the same at every depth: say it once
             continue
         rows += make_rows(info, name, length, seed, metrics, depth=depth)
     return rows
@@ -158,26 +162,58 @@ def run_state_tracking(model, info: dict, lengths: Iterable[int], num_examples: 
     return rows
 
 
+def held_out_text_documents(source: str, tokenizer, validation_fraction: float = 0.05) -> list[list[int]]:
+    """The validation documents of a text source the recipes accept, tokenized with the model's own tokenizer.
+
+    `source` is `stdlib` (this machine's Python sources), a file or folder (.txt / .jsonl / .parquet), or a `datasets`
+    name. The split is the recipes' (every k-th document), so a model trained by a recipe on the same source with the
+    same `validation_fraction` never saw these documents.
+    """
+    from hybridzoo.recipes.data import read_documents, split_documents
+    from hybridzoo.recipes.recipe import DataSection
+
+    if source == "stdlib":
+        data = DataSection(source="stdlib")
+    elif Path(source).exists():
+        data = DataSection(source="files", paths=[source])
+    else:
+        data = DataSection(source="dataset", dataset=source)
+    _, validation = split_documents(read_documents(data), validation_fraction)
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in validation]
+
+
 def run_loss_by_position(model, info: dict, train_length: int, multiples: Iterable[int], num_examples: int,
-                         seed: int, batch_size: int) -> tuple[list[dict], dict[str, list[float]]]:
-    """Loss by position on `lm_stream` documents at T, 2T, 4T, 8T (T = the training length): the mean over all
-    positions and over the positions beyond T, and the per-position curve at the longest length."""
+                         seed: int, batch_size: int, documents: list[list[int]] | None = None,
+                         ) -> tuple[list[dict], dict[str, list[float]]]:
+    """Loss by position at T, 2T, 4T, 8T (T = the training length): the mean over all positions and over the
+    positions beyond T, and the per-position curve at the longest length measured.
+
+    With `documents` (token ids of held-out real documents, see `held_out_text_documents`) each example is the first
+    L tokens of a document at least L long (fewer than `num_examples` when fewer are that long; `n` says how many);
+    without, the synthetic `lm_stream` documents in the model's vocabulary (for models trained on them).
+    """
     rows, curve = [], []
+    task_name = "lm_stream" if documents is None else "text_loss"
     for multiple in multiples:
         length = train_length * multiple
-        task = make_task("lm_stream", vocab_size=model.config.vocab_size, seq_len=length)
-        total = torch.zeros(length - 1)
-        batches = 0
-        for start in range(0, num_examples, batch_size):
-            batch = task.batch(min(batch_size, num_examples - start), seed=seed * 1_000_003 + start)
-            total += loss_by_position(model, batch["input_ids"])
-            batches += 1
-        losses = (total / batches).tolist()
-        metrics = [{"metric": "loss", "value": sum(losses) / len(losses), "n": num_examples}]
+        if documents is None:
+            task = make_task("lm_stream", vocab_size=model.config.vocab_size, seq_len=length)
+            batches = [task.batch(min(batch_size, num_examples - start), seed=seed * 1_000_003 + start)["input_ids"]
+                       for start in range(0, num_examples, batch_size)]
+        else:
+            long_enough = [ids[:length] for ids in documents if len(ids) >= length][:num_examples]
+            if not long_enough:
+                tqdm.write(f"loss by position: no held-out document has {length} tokens; stopping at {length // 2}")
+                break
+            batches = [torch.tensor(long_enough[i : i + batch_size]) for i in range(0, len(long_enough), batch_size)]
+        n = sum(len(b) for b in batches)
+        total = sum(loss_by_position(model, b) * len(b) for b in batches)
+        losses = (total / n).tolist()
+        metrics = [{"metric": "loss", "value": sum(losses) / len(losses), "n": n}]
         if length > train_length:
             beyond = losses[train_length - 1 :]
-            metrics.append({"metric": "loss_beyond_train", "value": sum(beyond) / len(beyond), "n": num_examples})
-        rows += make_rows(info, "lm_stream", length, seed, metrics, train_length=train_length)
+            metrics.append({"metric": "loss_beyond_train", "value": sum(beyond) / len(beyond), "n": n})
+        rows += make_rows(info, task_name, length, seed, metrics, train_length=train_length)
         curve = losses
     return rows, {info["architecture"]: curve}
 
@@ -253,8 +289,14 @@ def run_decode_cost(model, info: dict, lengths: Iterable[int], new_tokens: int, 
 def evaluate_model(model, label: str, suite: str = "retrieval", lengths: list[int] | None = None,
                    num_examples: int = 100, seed: int = 0, batch_size: int = 16, train_length: int = 256,
                    decode_lengths: list[int] | None = None, decode_tokens: int = 16,
-                   depths: Iterable[float] = DEPTHS) -> tuple[list[dict], dict[str, list[float]]]:
-    """All rows of `suite` for one model, and its loss-by-position curve (long-context suites)."""
+                   depths: Iterable[float] = DEPTHS, text_documents: list[list[int]] | None = None,
+                   ) -> tuple[list[dict], dict[str, list[float]]]:
+    """All rows of `suite` for one model, and its loss-by-position curve (long-context suites).
+
+    `text_documents` (held-out real documents in the model's tokenizer, see `held_out_text_documents`): loss by
+    position is measured on them instead of the synthetic `lm_stream`, and the token-level passkey (whose token ids
+    mean nothing to a model with a real tokenizer) is left out.
+    """
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
     info = model_info(model, label)
@@ -272,7 +314,11 @@ def evaluate_model(model, label: str, suite: str = "retrieval", lengths: list[in
             rows += run_word_tasks(model, info, [*NIAH_TASKS, "variable_tracking"], lengths, depths, num_examples,
                                    seed, batch_size)
     if suite in ("long-context", "all"):
-        if word_tasks_fit:
+        if text_documents is not None:
+            loss_rows, curves = run_loss_by_position(model, info, train_length, (1, 2, 4, 8), num_examples, seed,
+                                                     batch_size, documents=text_documents)
+            rows += loss_rows
+        elif word_tasks_fit:
             loss_rows, curves = run_loss_by_position(model, info, train_length, (1, 2, 4, 8), num_examples, seed,
                                                      batch_size)
             rows += loss_rows
@@ -333,12 +379,23 @@ def write_outputs(rows: list[dict], curves: dict[str, list[float]], out_dir: str
 
 
 def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "outputs/eval", size: str = "tiny",
-             **kwargs) -> dict[str, Path]:
-    """`hybridzoo eval` as a function: evaluate every model spec and write the combined outputs."""
+             text: str | None = None, **kwargs) -> dict[str, Path]:
+    """`hybridzoo eval` as a function: evaluate every model spec and write the combined outputs.
+
+    `text`: a text source (`stdlib`, a file or folder, a `datasets` name) for loss by position, read with each
+    saved model's own tokenizer.
+    """
     rows, curves = [], {}
     for spec in models:
         model, label = load_model(spec, size=size)
-        model_rows, model_curves = evaluate_model(model, label, suite, **kwargs)
+        documents = None
+        if text is not None:
+            if not Path(spec).is_dir():
+                raise ValueError(f"--text needs a saved model folder with a tokenizer; {spec!r} is a zoo name")
+            from transformers import AutoTokenizer
+
+            documents = held_out_text_documents(text, AutoTokenizer.from_pretrained(spec))
+        model_rows, model_curves = evaluate_model(model, label, suite, text_documents=documents, **kwargs)
         rows += model_rows
         curves.update(model_curves)
     return write_outputs(rows, curves, out_dir, kwargs.get("train_length", 256), title=f"hybridzoo eval ({suite})")
@@ -359,10 +416,13 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--decode-lengths", type=int, nargs="+", default=list(DECODE_LENGTHS))
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--size", default="tiny", help="zoo size for architecture names")
+    parser.add_argument("--text", help="loss by position on held-out documents of this text source, in each model's "
+                        "own tokenizer: stdlib, a .txt/.jsonl/.parquet file or folder, or a datasets name "
+                        "(default: synthetic lm_stream documents)")
     parser.add_argument("--output-dir", default="outputs/eval")
 
     def handler(args) -> int:
-        written = run_eval(args.models, args.suite, args.output_dir, args.size, lengths=args.lengths,
+        written = run_eval(args.models, args.suite, args.output_dir, args.size, text=args.text, lengths=args.lengths,
                            num_examples=args.examples, seed=args.seed, batch_size=args.batch_size,
                            train_length=args.train_length, decode_lengths=args.decode_lengths,
                            decode_tokens=args.decode_tokens, depths=args.depths)

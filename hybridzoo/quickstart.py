@@ -1,167 +1,284 @@
-"""The main job on built-in defaults: build a zoo hybrid, train it on real text found on this machine, sample from it.
+"""The main job on built-in defaults: train, evaluate, publish and reload, in one command.
 
-The text is the Python standard library's own source (byte-level tokens, no download, no tokenizer to train), split
-into train/validation by file. The trained model is saved with `save_pretrained` and reloaded through
-`AutoModelForCausalLM` before sampling, so the run also proves the saved folder is a working transformers model.
+`hybridzoo quickstart` chains the documented subcommands' Python functions on data generated or found on this machine:
+
+1. train a small qwen3-next-style hybrid and a transformer baseline of equal parameter count on the Python standard
+   library's own sources (`hybridzoo train pretrain_stdlib`), and both on MQAR associative recall
+   (`hybridzoo train retrieval_mqar`);
+2. evaluate them: the retrieval suite on the MQAR models, the long-context suite (loss by position, decode cost) on
+   the text models (`hybridzoo eval`), print the comparison table and write the plots;
+3. give the hybrid a model card with its eval results and push it (`hybridzoo push`) to a local Hub-compatible
+   server (started here, files on disk under the output folder) or to `--endpoint`;
+4. reload the published model in a fresh Python process with `AutoModelForCausalLM.from_pretrained(repo_id,
+   trust_remote_code=True)` and print a short generation;
+5. print where everything was written.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import sysconfig
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
-
-from hybridzoo.configs.zoo import zoo_config
-from hybridzoo.modeling import HybridForCausalLM
-
-# byte-level vocabulary: 256 byte values, then the special tokens
-PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
-BYTE_VOCAB_SIZE = 259
+from hybridzoo.configs.zoo import describe, zoo_config
 
 
 @dataclass
 class QuickstartSettings:
     architecture: str = "qwen3-next-style"
+    baseline: str = "transformer"
     size: str = "tiny"
-    steps: int = 300
-    batch_size: int = 16
-    context_length: int = 128
-    learning_rate: float = 3e-3
-    max_corpus_bytes: int = 4_000_000
-    seed: int = 0
+    text_steps: int = 300
+    mqar_steps: int = 1000
+    eval_examples: int = 100
     output_dir: str = "outputs/quickstart"
+    repo_id: str = "local/hybridzoo-quickstart"
+    endpoint: str = ""  # a Hub endpoint to push to; empty: start a local Hub-compatible server
     prompt: str = "def "
-    new_tokens: int = 120
+    new_tokens: int = 60
+    seed: int = 0
 
 
-def stdlib_corpus(max_bytes: int) -> tuple[bytes, bytes]:
-    """Train and validation text from the standard library's .py files (every 20th file is validation)."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    if not files:
-        raise FileNotFoundError("No Python standard library sources found to train on.")
-    train, validation = bytearray(), bytearray()
-    for index, path in enumerate(files):
-        target = validation if index % 20 == 0 else train
-        target += path.read_bytes() + b"\n"
-        if len(train) + len(validation) >= max_bytes:
-            break
-    return bytes(train), bytes(validation)
+def _banner(text: str) -> None:
+    print(f"\n{'=' * 100}\n{text}\n{'=' * 100}", flush=True)
 
 
-def random_windows(data: torch.Tensor, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(data) - length - 1, (batch_size,), generator=generator)
-    return torch.stack([data[start : start + length] for start in starts.tolist()])
+def matched_mlp_width(architecture: str, baseline: str, size: str, vocab_size: int) -> int:
+    """The baseline's `intermediate_size` that gives it the architecture's parameter count (closed forms)."""
+    target = describe(zoo_config(architecture, size, vocab_size=vocab_size))["parameters"]
+    without_mlp = describe(zoo_config(baseline, size, vocab_size=vocab_size, intermediate_size=0))["parameters"]
+    config = zoo_config(baseline, size, vocab_size=vocab_size)
+    # each layer's MLP adds a norm (hidden) and 3 * hidden * width
+    per_width = 3 * config.hidden_size * config.num_hidden_layers
+    return max(1, round((target - without_mlp - config.hidden_size * config.num_hidden_layers) / per_width))
 
 
-@torch.no_grad()
-def validation_loss(model: HybridForCausalLM, data: torch.Tensor, length: int, batches: int = 8) -> float:
-    generator = torch.Generator().manual_seed(1234)
-    model.eval()
-    losses = [
-        model(ids, labels=ids).loss.item()
-        for ids in (random_windows(data, 8, length, generator) for _ in range(batches))
-    ]
-    model.train()
-    return sum(losses) / len(losses)
+def train_models(settings: QuickstartSettings, out: Path) -> dict[str, dict[str, Path]]:
+    """Four recipe runs: {text, mqar} x {architecture, baseline}. Returns their output folders."""
+    from hybridzoo.recipes import train
+
+    folders: dict[str, dict[str, Path]] = {"text": {}, "mqar": {}}
+    tokenizer_vocab = 4096  # pretrain_stdlib's byte-level BPE
+    width = matched_mlp_width(settings.architecture, settings.baseline, settings.size, tokenizer_vocab)
+    for kind, recipe, steps in (
+        ("text", "pretrain_stdlib", settings.text_steps),
+        ("mqar", "retrieval_mqar", settings.mqar_steps),
+    ):
+        for name in (settings.architecture, settings.baseline):
+            folder = out / "runs" / f"{kind}-{name}"
+            overrides = [
+                f"model.zoo={name}",
+                f"model.size={settings.size}",
+                f"train.max_steps={steps}",
+                f"train.seed={settings.seed}",
+                f"train.warmup_steps={max(1, steps // 10)}",
+                f"output_dir={folder}",
+                f"eval.every={max(steps // 4, 1)}",
+                f"checkpoint.every={max(steps // 2, 1)}",
+            ]
+            if kind == "text" and name == settings.baseline:
+                overrides.append(f"model.overrides.intermediate_size={width}")  # equal parameter count
+            if kind == "text":
+                overrides.append(f"tokenizer.vocab_size={tokenizer_vocab}")
+            else:
+                # Zoology's MQAR setting: 2 layers, 2 heads, no MLP; a hybrid keeps one layer of each of its kinds
+                pattern = describe(zoo_config(name, settings.size))["pattern"]
+                overrides += [
+                    f"model.overrides.block_pattern={pattern[0] + pattern[-1]}",
+                    "model.overrides.num_attention_heads=2",
+                    "model.overrides.num_key_value_heads=2",
+                ]
+            _banner(f"training {name} on {'Python stdlib sources' if kind == 'text' else 'MQAR'} ({steps} steps)")
+            train(recipe, overrides=overrides)
+            folders[kind][name] = folder
+    return folders
+
+
+def evaluate_models(settings: QuickstartSettings, folders: dict[str, dict[str, Path]], out: Path) -> dict:
+    """Retrieval suite on the MQAR models, long-context suite on the text models; one combined set of outputs."""
+    from transformers import AutoTokenizer
+
+    from hybridzoo.evaluation.harness import (
+        evaluate_model,
+        held_out_text_documents,
+        load_model,
+        markdown_table,
+        write_outputs,
+    )
+
+    rows, curves = [], {}
+    for kind, suite in (("mqar", "retrieval"), ("text", "long-context")):
+        for name, folder in folders[kind].items():
+            _banner(f"evaluating {name} ({kind} model) on the {suite} suite")
+            model, _ = load_model(str(folder))
+            # text models: loss by position on the held-out stdlib files, in the model's own BPE
+            documents = (
+                held_out_text_documents("stdlib", AutoTokenizer.from_pretrained(folder)) if kind == "text" else None
+            )
+            model_rows, model_curves = evaluate_model(
+                model,
+                f"{name} ({kind})",
+                suite=suite,
+                lengths=[64, 128],
+                num_examples=settings.eval_examples,
+                seed=settings.seed,
+                train_length=256,
+                decode_lengths=[256, 1024, 4096],
+                decode_tokens=8,
+                text_documents=documents,
+            )
+            rows += model_rows
+            curves.update(model_curves)
+    written = write_outputs(rows, curves, out / "eval", train_length=256, title="hybridzoo quickstart eval")
+    headline = [r for r in rows if r["task"] in ("mqar", "text_loss", "decode_cost")]
+    table = markdown_table(headline, metrics=("accuracy", "loss", "loss_beyond_train", "ms_per_token"))
+    (out / "eval" / "headline.md").write_text(table + "\n")
+    print("\n" + table, flush=True)
+    return {"rows": rows, "written": written}
+
+
+def publish(settings: QuickstartSettings, model_dir: Path, eval_dir: Path, out: Path) -> tuple[str, str, object]:
+    """Put the eval results next to the model, push it with a model card; returns (endpoint, token, server).
+
+    The folder's `eval/results.jsonl` (what the card's `model-index` is built from) gets this model's own rows; the
+    whole comparison travels along as `eval/comparison.jsonl` with the plots.
+    """
+    from hybridzoo.evaluation.harness import markdown_table
+    from hybridzoo.hub import push_to_hub
+
+    shutil.copytree(eval_dir, model_dir / "eval", dirs_exist_ok=True)
+    rows = [json.loads(line) for line in (eval_dir / "results.jsonl").read_text().splitlines()]
+    label = f"{settings.architecture} (text)"
+    own = [dict(row, architecture=settings.architecture) for row in rows if row["architecture"] == label]
+    shutil.copy(eval_dir / "results.jsonl", model_dir / "eval" / "comparison.jsonl")
+    (model_dir / "eval" / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in own))
+    (model_dir / "eval" / "results.md").write_text(f"# {settings.architecture}\n\n{markdown_table(own)}\n")
+    server = None
+    endpoint, token = settings.endpoint, os.environ.get("HF_TOKEN", "")
+    if not endpoint:
+        from hybridzoo.local_hub import LocalHub
+
+        server = LocalHub(out / "hub").start()
+        endpoint, token = server.endpoint, token or "quickstart-local-token"
+    _banner(f"pushing {model_dir} to {endpoint} as {settings.repo_id}")
+    previous = os.environ.get("HF_ENDPOINT")
+    os.environ["HF_ENDPOINT"] = endpoint
+    try:
+        result = push_to_hub(model_dir, settings.repo_id, token=token)
+    finally:
+        if previous is None:
+            os.environ.pop("HF_ENDPOINT", None)
+        else:
+            os.environ["HF_ENDPOINT"] = previous
+    print(f"commit {result.commit_oid}: {len(result.files)} files ({', '.join(sorted(result.files)[:8])}, ...)")
+    return endpoint, token, server
+
+
+RELOAD = textwrap.dedent(
+    """
+    import json
+    import sys
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    repo_id, prompt, new_tokens, logits_file = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    save_file({"logits": model(**inputs).logits.detach(), "input_ids": inputs["input_ids"]}, logits_file)
+    output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=True, top_k=20, temperature=0.8,
+                            pad_token_id=tokenizer.pad_token_id)
+    result = {"class": type(model).__module__ + "." + type(model).__name__,
+              "sample": tokenizer.decode(output[0], skip_special_tokens=True)}
+    open(logits_file + ".json", "w").write(json.dumps(result))
+    """
+)
+
+
+def reload_and_generate(settings: QuickstartSettings, endpoint: str, token: str, model_dir: Path, out: Path) -> dict:
+    """A fresh process with an empty cache loads the published model through `from_pretrained(repo_id, ...)` and
+    generates; its logits on the prompt are checked against the local model's, so what was published is what trained.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    _banner(f"reloading {settings.repo_id} from {endpoint} in a fresh process (trust_remote_code=True)")
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_TOKEN=token, HF_HOME=str(out / "reload_cache"))
+    env.pop("HF_HUB_OFFLINE", None)
+    logits_file = out / "reload_logits.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD, settings.repo_id, settings.prompt, str(settings.new_tokens), str(logits_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"reloading the published model failed:\n{result.stderr[-3000:]}")
+    reloaded_by = json.loads(Path(f"{logits_file}.json").read_text())
+    class_name, text = reloaded_by["class"], reloaded_by["sample"]
+    reloaded = load_file(logits_file)
+    local = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    with torch.no_grad():
+        difference = (local(reloaded["input_ids"]).logits - reloaded["logits"]).abs().max().item()
+    if difference > 1e-4:
+        raise RuntimeError(f"the published model's logits differ from the trained one's by {difference:.3g}")
+    print(f"loaded as {class_name} (code from the repo); logits match the local model (max |diff| {difference:.1e})")
+    print(f"{'-' * 60}\n{text.rstrip()}\n{'-' * 60}", flush=True)
+    return {"class": class_name, "sample": text, "max_logit_difference": difference}
 
 
 def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
-    """Train, save, reload, sample. Returns a summary (also written to `output_dir/summary.json`)."""
+    """The whole story; returns a summary (also written to `output_dir/summary.json`)."""
     settings = settings or QuickstartSettings()
-    torch.manual_seed(settings.seed)
-    output_dir = Path(settings.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    train_bytes, validation_bytes = stdlib_corpus(settings.max_corpus_bytes)
-    train_data = torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8).long()
-    validation_data = torch.frombuffer(bytearray(validation_bytes), dtype=torch.uint8).long()
-    config = zoo_config(
-        settings.architecture,
-        settings.size,
-        vocab_size=BYTE_VOCAB_SIZE,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-    )
-    model = HybridForCausalLM(config)
-    parameters = sum(p.numel() for p in model.parameters())
-    print(
-        f"{settings.architecture} ({settings.size}): {parameters / 1e6:.2f}M parameters, blocks "
-        f"{''.join(model.config.block_types[i][0].upper() for i in range(config.num_hidden_layers))}; "
-        f"corpus: {len(train_bytes) / 1e6:.1f} MB train, {len(validation_bytes) / 1e6:.2f} MB validation "
-        "(Python standard library sources)"
-    )
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.1)
-    warmup = max(1, settings.steps // 20)
-
-    def learning_rate_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
-    generator = torch.Generator().manual_seed(settings.seed)
-    initial_validation = validation_loss(model, validation_data, settings.context_length)
-    model.train()
-    start, tokens_seen = time.perf_counter(), 0
-    progress = tqdm(range(settings.steps), desc="training", unit="step")
-    for _ in progress:
-        input_ids = random_windows(train_data, settings.batch_size, settings.context_length, generator)
-        loss = model(input_ids, labels=input_ids, use_cache=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        tokens_seen += input_ids.numel()
-        progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - start):.0f}")
-    train_seconds = time.perf_counter() - start
-    final_validation = validation_loss(model, validation_data, settings.context_length)
-    print(f"validation loss (nats/byte): {initial_validation:.3f} before, {final_validation:.3f} after training")
-
-    model_dir = output_dir / "model"
-    model.save_pretrained(model_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-    prompt = torch.tensor([list(settings.prompt.encode())])
-    sample = reloaded.generate(
-        prompt, max_new_tokens=settings.new_tokens, do_sample=True, top_k=20, temperature=0.8, pad_token_id=PAD_ID
-    )
-    text = bytes(t for t in sample[0].tolist() if t < 256).decode("utf-8", errors="replace")
-    print(f"\nsample from the reloaded model ({model_dir}):\n{'-' * 60}\n{text}\n{'-' * 60}")
-
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    folders = train_models(settings, out)
+    evaluation = evaluate_models(settings, folders, out)
+    model_dir = folders["text"][settings.architecture]
+    endpoint, token, server = publish(settings, model_dir, out / "eval", out)
+    try:
+        reload = reload_and_generate(settings, endpoint, token, model_dir, out)
+    finally:
+        if server is not None:
+            server.stop()
     summary = {
         "settings": asdict(settings),
-        "parameters": parameters,
-        "block_types": config.block_types,
-        "train_seconds": round(train_seconds, 1),
-        "tokens_per_second": round(tokens_seen / train_seconds, 1),
-        "validation_loss_before": round(initial_validation, 4),
-        "validation_loss_after": round(final_validation, 4),
-        "sample": text,
-        "model_dir": str(model_dir),
+        "seconds": round(time.perf_counter() - started, 1),
+        "trained": {kind: {name: str(path) for name, path in runs.items()} for kind, runs in folders.items()},
+        "eval": {name: str(path) for name, path in evaluation["written"].items()},
+        "published": {
+            "endpoint": endpoint,
+            "repo_id": settings.repo_id,
+            "hub_folder": str(out / "hub") if server is not None else None,
+        },
+        "reloaded": reload,
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwritten: {model_dir} (safetensors + config + remote code), {output_dir / 'summary.json'}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _banner("where everything is")
+    for kind, runs in summary["trained"].items():
+        for name, path in runs.items():
+            print(f"  {kind:5s} {name:18s} {path}  (model, tokenizer, metrics.jsonl, loss_curve.png, checkpoints/)")
+    print(f"  eval results: {out / 'eval'} (results.jsonl, results.md, *.png)")
+    print(f"  published:    {settings.repo_id} at {endpoint}" + (f" (stored in {out / 'hub'})" if server else ""))
+    print(f"  summary:      {out / 'summary.json'}   total {summary['seconds']:.0f} s")
     return summary
 
 
 def add_subcommand(subparsers) -> None:
-    """`hybridzoo quickstart [--steps N ...]`: every `QuickstartSettings` field is a flag."""
-    parser = subparsers.add_parser(
-        "quickstart", help="train a small zoo hybrid on this machine's Python sources, save, reload and sample"
-    )
+    """`hybridzoo quickstart [--text-steps N ...]`: every `QuickstartSettings` field is a flag."""
+    parser = subparsers.add_parser("quickstart", help="train, evaluate, publish and reload a small hybrid, end to end")
     for setting in fields(QuickstartSettings):
         parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default)
-    parser.set_defaults(
-        handler=lambda args: run_quickstart(
-            QuickstartSettings(**{f.name: getattr(args, f.name) for f in fields(QuickstartSettings)})
-        )
-    )
+
+    def handler(args) -> None:
+        run_quickstart(QuickstartSettings(**{f.name: getattr(args, f.name) for f in fields(QuickstartSettings)}))
+
+    parser.set_defaults(handler=handler)

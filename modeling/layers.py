@@ -3,9 +3,8 @@ convolutions' initialisation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
+from collections.abc import Callable
 
 import torch
 import transformers.initialization as init

@@ -53,3 +53,32 @@ def test_zoology_accuracy_is_per_example_mean_with_full_vocab_argmax():
     expected_loss = (2 * -torch.log_softmax(torch.tensor([5.0] + [0.0] * 9), 0)[0]
                      - torch.log_softmax(torch.tensor([0.0] * 8 + [5.0, 0.0]), 0)[3]) / 3
     assert metrics["loss"]["value"] == pytest.approx(float(expected_loss), rel=1e-5)
+
+
+def test_loss_by_position_on_real_documents_matches_a_direct_computation():
+    from hybridzoo import HybridForCausalLM
+    from hybridzoo.evaluation.harness import model_info, run_loss_by_position
+    from tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(tiny_config("GA")).eval()
+    documents = [list(range(3, 40)), [5] * 10, [(7 * i) % 61 + 3 for i in range(50)]]  # 37, 10 and 50 tokens
+    rows, curves = run_loss_by_position(model, model_info(model, "tiny"), train_length=16, multiples=(1, 2, 4),
+                                        num_examples=5, seed=0, batch_size=1, documents=documents)
+    # T=16 and 2T=32: the two documents that long; 4T=64: none is, so the sweep stops there
+    assert sorted({r["length"] for r in rows}) == [16, 32]
+    for length in (16, 32):
+        with torch.no_grad():
+            per_document = []
+            for doc in (documents[0], documents[2]):
+                ids = torch.tensor(doc[:length])
+                logits = model(ids[None]).logits[0, :-1]
+                per_document.append(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none"))
+            per_position = torch.stack(per_document).mean(0)
+        loss = next(r for r in rows if r["length"] == length and r["metric"] == "loss")
+        assert loss["n"] == 2 and loss["task"] == "text_loss"
+        assert loss["value"] == pytest.approx(per_position.mean().item(), rel=1e-5)
+        if length == 32:
+            beyond = next(r for r in rows if r["length"] == length and r["metric"] == "loss_beyond_train")
+            assert beyond["value"] == pytest.approx(per_position[15:].mean().item(), rel=1e-5)
+            assert curves["tiny"] == pytest.approx(per_position.tolist(), rel=1e-5)

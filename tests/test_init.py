@@ -1,4 +1,4 @@
-"""Initialisation: the short convolutions start as PyTorch initialises `nn.Conv1d`, not transformers' normal(0, 0.02)."""
+"""Initialisation: the short convolutions start as PyTorch initialises `nn.Conv1d`, not as normal(0, 0.02)."""
 
 import math
 
