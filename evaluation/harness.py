@@ -365,6 +365,9 @@ def write_outputs(rows: list[dict], curves: dict[str, list[float]], out_dir: str
         for row in rows:
             f.write(json.dumps(row) + "\n")
     written["markdown"].write_text(f"# {title}\n\n{markdown_table(rows)}\n")
+    if curves:  # the per-position losses behind the (binned) plot
+        written["loss_by_position_json"] = out / "loss_by_position.json"
+        written["loss_by_position_json"].write_text(json.dumps({"train_length": train_length, "curves": curves}))
     candidates = {"recall_vs_state": plots.recall_vs_state(rows, out / "recall_vs_state.png"),
                   "loss_by_position": plots.loss_by_position(curves, out / "loss_by_position.png", train_length),
                   "decode_cost": plots.decode_cost(rows, out / "decode_cost.png"),

@@ -72,12 +72,23 @@ def niah_heatmap(rows: list[dict], path: Path, task: str, architecture: str) -> 
 
 
 def loss_by_position(curves: dict[str, list[float]], path: Path, train_length: int | None) -> Path | None:
-    """Cross-entropy at each position (log x), one line per model, the training length marked."""
+    """Cross-entropy by position (log x), one line per model, the training length marked.
+
+    Per-position losses of a few documents are noisy, so each line is the mean over log-spaced position bins (about
+    12 per decade), drawn at the bins' geometric centres; the raw curves stay in the JSON next to the plot.
+    """
     if not curves:
         return None
     figure, axis = plt.subplots(figsize=(6, 4))
     for label, losses in sorted(curves.items()):
-        axis.plot(range(1, len(losses) + 1), losses, label=label, linewidth=1)
+        edges = sorted({round(10 ** (i / 12)) for i in range(int(12 * math.log10(len(losses) + 1)) + 2)})
+        edges = [e for e in edges if e <= len(losses)] + [len(losses) + 1]
+        centres, means = [], []
+        for low, high in zip(edges[:-1], edges[1:], strict=True):  # positions [low, high), 1-based
+            if high > low:
+                centres.append(math.sqrt(low * (high - 1)))
+                means.append(sum(losses[low - 1 : high - 1]) / (high - low))
+        axis.plot(centres, means, label=label, linewidth=1.5, marker=".")
     if train_length:
         axis.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"train length {train_length}")
     axis.set_xscale("log")

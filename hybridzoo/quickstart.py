@@ -34,7 +34,7 @@ class QuickstartSettings:
     architecture: str = "qwen3-next-style"
     baseline: str = "transformer"
     size: str = "tiny"
-    text_steps: int = 300
+    text_steps: int = 500
     mqar_steps: int = 1000
     eval_examples: int = 100
     output_dir: str = "outputs/quickstart"
