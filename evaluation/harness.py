@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from hybridzoo.configs.zoo import ARCHITECTURES, describe, zoo_config
 
 from . import plots
-from .metrics import Accumulator, evaluate_task, loss_by_position, score_batch
+from .metrics import Accumulator, evaluate_task, loss_by_position, score_batch, wilson_interval
 from .tasks import MQAR_EXTRAPOLATION_SLICES, MQAR_STANDARD_SLICES, WordVocabulary, make_task
 
 SUITES = ("retrieval", "long-context", "all")
@@ -32,6 +32,7 @@ NIAH_TASKS = ("passkey", "niah_single_2", "niah_single_3", "niah_multikey")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LENGTHS = (256, 512, 1024)
 DECODE_LENGTHS = (256, 1024, 4096, 16384)
+TEXT_TASK_VOCABULARY = 1024  # task words drawn for the text level, as in the lm-eval task YAMLs
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -148,6 +149,49 @@ def run_word_tasks(model, info: dict, names: Iterable[str], lengths: list[int], 
             too_short.add((name, length))  # the same at every depth: say it once
             continue
         rows += make_rows(info, name, length, seed, metrics, depth=depth)
+    return rows
+
+
+@torch.no_grad()
+def score_text_example(model, tokenizer, prompt: str, answer: str) -> tuple[float, bool, int]:
+    """(log-likelihood of the answer, whether greedy decoding reproduces it token for token, prompt+answer tokens).
+
+    The answer follows the prompt after a space, as lm-eval's `target_delimiter` has it.
+    """
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([prompt_ids + answer_ids])
+    log_probs = model(input_ids=input_ids).logits[0, len(prompt_ids) - 1 : -1].float().log_softmax(-1)
+    targets = torch.tensor(answer_ids)
+    loglik = log_probs.gather(-1, targets[:, None]).sum().item()
+    return loglik, bool((log_probs.argmax(-1) == targets).all()), input_ids.shape[1]
+
+
+def run_text_tasks(model, tokenizer, info: dict, names: Iterable[str], lengths: list[int],
+                   depths: Iterable[float | None], num_examples: int, seed: int) -> list[dict]:
+    """The word tasks at the text level, for models with a real tokenizer: each prompt tokenized by the model's own
+    tokenizer, scored by the answer's log-likelihood and by exact greedy match (95% Wilson interval). Task names get
+    a `_text` suffix; `length` is the task length in words (the tokens per example are in `mean_tokens`)."""
+    rows = []
+    grid = [(name, length, depth) for name in names for length in lengths
+            for depth in (depths if name in NIAH_TASKS else [None])]
+    for name, length, depth in tqdm(grid, desc="text tasks", leave=False):
+        params = {"vocab_size": TEXT_TASK_VOCABULARY, "seq_len": length}
+        if depth is not None:
+            params["depth"] = depth
+        try:
+            examples = make_task(name, **params).text_examples(num_examples, seed)
+        except ValueError as error:
+            tqdm.write(f"skipped {name} at length {length}: {error}")
+            continue
+        scores = [score_text_example(model, tokenizer, e["prompt"], e["answer"]) for e in examples]
+        correct = sum(exact for _, exact, _ in scores)
+        low, high = wilson_interval(correct, len(scores))
+        metrics = [{"metric": "exact", "value": correct / len(scores), "ci_low": low, "ci_high": high,
+                    "n": len(scores)},
+                   {"metric": "answer_loglik", "value": sum(ll for ll, _, _ in scores) / len(scores), "n": len(scores)}]
+        mean_tokens = sum(t for _, _, t in scores) / len(scores)
+        rows += make_rows(info, f"{name}_text", length, seed, metrics, depth=depth, mean_tokens=mean_tokens)
     return rows
 
 
@@ -290,12 +334,14 @@ def evaluate_model(model, label: str, suite: str = "retrieval", lengths: list[in
                    num_examples: int = 100, seed: int = 0, batch_size: int = 16, train_length: int = 256,
                    decode_lengths: list[int] | None = None, decode_tokens: int = 16,
                    depths: Iterable[float] = DEPTHS, text_documents: list[list[int]] | None = None,
-                   ) -> tuple[list[dict], dict[str, list[float]]]:
+                   tokenizer=None) -> tuple[list[dict], dict[str, list[float]]]:
     """All rows of `suite` for one model, and its loss-by-position curve (long-context suites).
 
     `text_documents` (held-out real documents in the model's tokenizer, see `held_out_text_documents`): loss by
     position is measured on them instead of the synthetic `lm_stream`, and the token-level passkey (whose token ids
     mean nothing to a model with a real tokenizer) is left out.
+    `tokenizer` (the model's own): the needle and variable-tracking tasks run at the text level (`run_text_tasks`)
+    instead of the token level.
     """
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
@@ -310,7 +356,10 @@ def evaluate_model(model, label: str, suite: str = "retrieval", lengths: list[in
                          num_examples, seed, batch_size)
         rows += run_forgetting(model, info, [length for length in (128, 256) if not lengths or length <= max(lengths)],
                                num_examples, seed, batch_size)
-        if word_tasks_fit:
+        if tokenizer is not None:
+            rows += run_text_tasks(model, tokenizer, info, [*NIAH_TASKS, "variable_tracking"], lengths, depths,
+                                   num_examples, seed)
+        elif word_tasks_fit:
             rows += run_word_tasks(model, info, [*NIAH_TASKS, "variable_tracking"], lengths, depths, num_examples,
                                    seed, batch_size)
     if suite in ("long-context", "all"):
@@ -325,6 +374,9 @@ def evaluate_model(model, label: str, suite: str = "retrieval", lengths: list[in
             if suite == "long-context":  # passkey over T..8T: retention beyond the training length
                 long_lengths = [train_length * m for m in (1, 2, 4, 8)]
                 rows += run_word_tasks(model, info, ["passkey"], long_lengths, depths, num_examples, seed, batch_size)
+        if tokenizer is not None and suite == "long-context":  # passkey over T..8T, as text
+            rows += run_text_tasks(model, tokenizer, info, ["passkey"], [train_length * m for m in (1, 2, 4, 8)],
+                                   depths, num_examples, seed)
         rows += run_decode_cost(model, info, decode_lengths or DECODE_LENGTHS, decode_tokens, seed)
     if suite == "all" and word_tasks_fit:
         rows += run_state_tracking(model, info, (16, 64), num_examples, seed, batch_size)
@@ -382,23 +434,29 @@ def write_outputs(rows: list[dict], curves: dict[str, list[float]], out_dir: str
 
 
 def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "outputs/eval", size: str = "tiny",
-             text: str | None = None, **kwargs) -> dict[str, Path]:
+             text: str | None = None, level: str = "token", **kwargs) -> dict[str, Path]:
     """`hybridzoo eval` as a function: evaluate every model spec and write the combined outputs.
 
     `text`: a text source (`stdlib`, a file or folder, a `datasets` name) for loss by position, read with each
-    saved model's own tokenizer.
+    saved model's own tokenizer. `level="text"`: the word tasks as text in the model's own tokenizer.
     """
+    if level not in ("token", "text"):
+        raise ValueError(f"level must be 'token' or 'text', got {level!r}")
     rows, curves = [], {}
     for spec in models:
         model, label = load_model(spec, size=size)
-        documents = None
-        if text is not None:
+        tokenizer = documents = None
+        if text is not None or level == "text":
             if not Path(spec).is_dir():
-                raise ValueError(f"--text needs a saved model folder with a tokenizer; {spec!r} is a zoo name")
+                raise ValueError(f"--text and --level text need a saved model folder with a tokenizer; {spec!r} is a "
+                                 "zoo name")
             from transformers import AutoTokenizer
 
-            documents = held_out_text_documents(text, AutoTokenizer.from_pretrained(spec))
-        model_rows, model_curves = evaluate_model(model, label, suite, text_documents=documents, **kwargs)
+            model_tokenizer = AutoTokenizer.from_pretrained(spec)
+            documents = held_out_text_documents(text, model_tokenizer) if text is not None else None
+            tokenizer = model_tokenizer if level == "text" else None
+        model_rows, model_curves = evaluate_model(model, label, suite, text_documents=documents, tokenizer=tokenizer,
+                                                  **kwargs)
         rows += model_rows
         curves.update(model_curves)
     return write_outputs(rows, curves, out_dir, kwargs.get("train_length", 256), title=f"hybridzoo eval ({suite})")
@@ -422,10 +480,14 @@ def add_subcommand(subparsers) -> None:
     parser.add_argument("--text", help="loss by position on held-out documents of this text source, in each model's "
                         "own tokenizer: stdlib, a .txt/.jsonl/.parquet file or folder, or a datasets name "
                         "(default: synthetic lm_stream documents)")
+    parser.add_argument("--level", choices=("token", "text"), default="token",
+                        help="token: the tasks' token ids (models trained on them); text: prompt + answer in each "
+                        "saved model's own tokenizer, scored by the answer's log-likelihood and exact greedy match")
     parser.add_argument("--output-dir", default="outputs/eval")
 
     def handler(args) -> int:
-        written = run_eval(args.models, args.suite, args.output_dir, args.size, text=args.text, lengths=args.lengths,
+        written = run_eval(args.models, args.suite, args.output_dir, args.size, text=args.text, level=args.level,
+                           lengths=args.lengths,
                            num_examples=args.examples, seed=args.seed, batch_size=args.batch_size,
                            train_length=args.train_length, decode_lengths=args.decode_lengths,
                            decode_tokens=args.decode_tokens, depths=args.depths)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from hybridzoo.cli import main
 from hybridzoo.configs.zoo import zoo_config
 from hybridzoo.modeling import HybridForCausalLM
@@ -39,3 +41,41 @@ def test_compare_cli_trains_and_tabulates(tmp_path):
     table = (out / "compare.md").read_text()
     assert "| transformer | 16 | AA |" in table and "| lstm | 16 | LL |" in table and "T=16, kv=2" in table
     assert (out / "accuracy.png").exists() and (out / "recall_vs_state.png").exists()
+
+
+def test_text_level_scores_equal_token_level_scores_under_the_task_tokenizer(tmp_path):
+    """With the word-level tokenizer whose ids are the task's token ids, the text form of an example tokenizes to the
+    token form, so the text-level answer log-likelihood and exact match must equal those computed from `batch`."""
+    import torch
+
+    from hybridzoo.evaluation.harness import TEXT_TASK_VOCABULARY, score_text_example
+    from hybridzoo.evaluation.tasks import make_task
+    from hybridzoo.evaluation.text_tokenizer import task_tokenizer
+
+    torch.manual_seed(0)
+    config = zoo_config("lstm-attention", "tiny", vocab_size=TEXT_TASK_VOCABULARY, hidden_size=32,
+                        num_hidden_layers=2, intermediate_size=0, num_attention_heads=2, num_key_value_heads=1)
+    model = HybridForCausalLM(config).eval()
+    tokenizer = task_tokenizer(TEXT_TASK_VOCABULARY)
+    task = make_task("passkey", vocab_size=TEXT_TASK_VOCABULARY, seq_len=64, depth=0.5)
+    batch = task.batch(3, seed=7)
+    texts = task.text_examples(3, seed=7)
+    with torch.no_grad():
+        log_probs = model(input_ids=batch["input_ids"]).logits.log_softmax(-1)
+    for row, example in enumerate(texts):
+        scored = (batch["labels"][row] != -100).nonzero().flatten()
+        targets = batch["labels"][row, scored]
+        expected_loglik = log_probs[row, scored - 1].gather(-1, targets[:, None]).sum().item()
+        expected_exact = bool((log_probs[row, scored - 1].argmax(-1) == targets).all())
+        loglik, exact, _ = score_text_example(model, tokenizer, example["prompt"], example["answer"])
+        assert loglik == pytest.approx(expected_loglik, abs=1e-3)
+        assert exact == expected_exact
+
+    tokenizer.save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "m"), "--level", "text", "--lengths", "64", "--depths", "0.5",
+                 "--examples", "2", "--output-dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {"passkey_text", "niah_single_2_text", "variable_tracking_text"} <= {r["task"] for r in rows}
+    assert all(r["n"] == 2 for r in rows if r["metric"] == "exact")
