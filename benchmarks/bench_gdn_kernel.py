@@ -2,35 +2,26 @@
 
 Both run on identical inputs (fp32, q/k L2-normalised, GDN-style decays): forward (no grad) and forward + backward
 (loss = <o, w_o> + <S_T, w_s>, gradients for q, k, v, g, beta). Reported times are the minimum over `--repeats` runs
-after a warm-up (wall clock; `--timer cpu` for process CPU time), the two implementations interleaved so that machine
-noise hits both alike. On a shared, oversubscribed 2-core machine OpenMP thread hand-offs make 2-thread wall times
-erratic; `--threads 1 --timer cpu` gives steadier numbers there.
+after a warm-up, the two implementations interleaved (`common.best_of`). Defaults: 2 threads, wall clock (the issue's
+setting, for a quiet machine); on a shared, oversubscribed machine `--threads 1 --clock cpu` gives steadier numbers.
 
     python benchmarks/bench_gdn_kernel.py            # full table, B=2 H=4, D in {64, 128}, T up to 8192 (a few min)
     python benchmarks/bench_gdn_kernel.py --quick    # smoke run, < 30 s
 
-The last line reads `RATIO fwd+bwd ours/transformers at T>=2048: min X.XXx` (speedup = transformers time / ours).
+The last line reads `RATIO fwd+bwd transformers time / ours at T>=2048 (min over cases): X.XXx (target >= 2x: ...)`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
-import time
-from pathlib import Path
 
 import torch
+from common import add_common_arguments, best_of, machine_info, print_header, ratio_line, timed, write_json
 from torch.nn import functional as F
-
-try:
-    from hybridzoo.modeling.ops_gated_delta import chunk_gated_delta_rule
-except ImportError:  # not installed: run from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from modeling.ops_gated_delta import chunk_gated_delta_rule
-
 from transformers.models.qwen3_next import modeling_qwen3_next
+
+from hybridzoo.modeling.ops_gated_delta import chunk_gated_delta_rule
 
 # the hub-kernel decorator may have bound fla at import time; `__wrapped__` is the plain torch function
 hf_chunk_gated_delta_rule = getattr(
@@ -53,21 +44,12 @@ def chunk_flops(batch: int, heads: int, length: int, chunk: int, dk: int, dv: in
     return 2.0 * batch * heads * length * per_token
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(clock: str, size: int = 2048, repeats: int = 5) -> float:
     """This machine's fp32 GEMM rate at the current thread count (best of a few large square matmuls)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(timed(lambda: a @ b, clock) for _ in range(repeats))
     return 2 * size**3 / best / 1e9
-
-
-CLOCK = time.perf_counter  # --timer cpu: time.process_time (CPU seconds of all threads; steadier on a busy machine)
-
-
-def _timed(fn) -> float:
-    start = CLOCK()
-    fn()
-    return CLOCK() - start
 
 
 def make_inputs(batch: int, length: int, heads: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
@@ -92,7 +74,7 @@ def run_hf(inputs):
     return hf_chunk_gated_delta_rule(*inputs, chunk_size=64, output_final_state=True)
 
 
-def bench_case(batch, heads, length, dim, chunk, repeats) -> dict:
+def bench_case(batch, heads, length, dim, chunk, repeats, clock) -> dict:
     inputs = make_inputs(batch, length, heads, dim)
     gen = torch.Generator().manual_seed(1)
     w_out = torch.randn(batch, length, heads, dim, generator=gen)
@@ -129,10 +111,7 @@ def bench_case(batch, heads, length, dim, chunk, repeats) -> dict:
         "fb_ours": forward_backward(ours_fn),
         "fb_hf": forward_backward(hf_fn),
     }
-    times = {name: float("inf") for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():  # interleaved
-            times[name] = min(times[name], _timed(fn))
+    times = best_of(calls, repeats, clock)
     fwd_flops = chunk_flops(batch, heads, length, chunk, dim, dim, backward=False)
     fb_flops = chunk_flops(batch, heads, length, chunk, dim, dim, backward=True)
     return {
@@ -154,26 +133,16 @@ def bench_case(batch, heads, length, dim, chunk, repeats) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: T in {256, 512}, D = 64")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--timer",
-        choices=["wall", "cpu"],
-        default="wall",
-        help="wall clock, or process CPU time (use with --threads 1 on a shared, oversubscribed machine)",
-    )
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5, quick 2)")
+    add_common_arguments(parser)
+    parser.set_defaults(threads=2, clock="wall")  # the issue's setting: 2 threads, elapsed time
     parser.add_argument("--chunk-size", type=int, default=32, help="our chunk size (transformers always uses 64)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dims", type=str, default=None, help="comma-separated head dims (Dk = Dv)")
     parser.add_argument("--lengths", type=str, default=None, help="comma-separated sequence lengths")
-    parser.add_argument("--json", type=str, default=None, help="write the results to this path")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    global CLOCK
-    CLOCK = time.perf_counter if args.timer == "wall" else time.process_time
     dims = [int(x) for x in args.dims.split(",")] if args.dims else ([64] if args.quick else [64, 128])
     lengths = (
         [int(x) for x in args.lengths.split(",")]
@@ -182,11 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     repeats = args.repeats or (2 if args.quick else 5)
     peak_size = 1024 if args.quick else 2048
-    peak = matmul_peak_gflops(peak_size)
+    peak = matmul_peak_gflops(args.clock, peak_size)
+    info = machine_info(args.threads, args.clock)
+    print_header("Chunked gated delta rule: ours vs transformers' torch_chunk_gated_delta_rule", info)
     print(
-        f"torch {torch.__version__}, {args.threads} threads, B={args.batch} H={args.heads}, fp32, ours chunk "
-        f"{args.chunk_size} vs transformers chunk 64, min {args.timer} time of {repeats} runs; "
-        f"{peak_size}^2 fp32 matmul here: {peak:.1f} GFLOP/s\n"
+        f"B={args.batch} H={args.heads}, fp32, ours chunk {args.chunk_size} vs transformers chunk 64, min of "
+        f"{repeats} runs; {peak_size}^2 fp32 matmul here: {peak:.1f} GFLOP/s\n"
     )
     results = []
     header = (
@@ -197,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * header.count(" | ") + "---|")
     for dim in dims:
         for length in lengths:
-            r = bench_case(args.batch, args.heads, length, dim, args.chunk_size, repeats)
+            r = bench_case(args.batch, args.heads, length, dim, args.chunk_size, repeats, args.clock)
             results.append(r)
             print(
                 f"| {dim} | {length} | {r['fwd_ours_ms']:.1f} | {r['fwd_hf_ms']:.1f} | {r['fwd_speedup']:.2f}x "
@@ -206,18 +176,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {r['max_abs_diff_out']:.1e} / {r['max_rel_diff_grad']:.1e} |",
                 flush=True,
             )
-    if args.json:
-        payload = {
-            "threads": args.threads,
-            "timer": args.timer,
-            "matmul_peak_gflops": peak,
-            "torch": torch.__version__,
-            "results": results,
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+    write_json(args.json, {"machine": info, "matmul_peak_gflops": peak, "results": results})
     min_len = 2048 if any(r["T"] >= 2048 for r in results) else min(r["T"] for r in results)
     ratio = min(r["fb_speedup"] for r in results if r["T"] >= min_len)
-    print(f"\nRATIO fwd+bwd ours/transformers at T>={min_len}: min {ratio:.2f}x")
+    print("\n" + ratio_line(f"fwd+bwd transformers time / ours at T>={min_len} (min over cases)", ratio, ">= 2x",
+                            ratio >= 2.0))
 
 
 if __name__ == "__main__":
