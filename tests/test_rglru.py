@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from hybridzoo.modeling.block_rglru import HybridRGLRU
 from hybridzoo.modeling.ops_rglru import linear_recurrence, naive_linear_recurrence
-from tiny_models import tiny_config
+from tiny_models import assert_all_close, random_linear_grads, tiny_config
 
 PATHS = [None, 4, 8]  # the time loop, and the chunked form with chunks shorter and longer than some lengths
 
@@ -20,18 +20,6 @@ def _op_inputs(batch=3, length=7, dim=5):
     return a, b, h0
 
 
-def _grads(outputs, inputs, seed=1):
-    """Gradients of a fixed random linear function of all `outputs` w.r.t. `inputs`."""
-    generator = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=generator, dtype=o.dtype)).sum() for o in outputs)
-    return torch.autograd.grad(loss, inputs)
-
-
-def _assert_all_close(actual, expected):
-    for x, y in zip(actual, expected, strict=True):
-        torch.testing.assert_close(x, y)
-
-
 @pytest.mark.parametrize("chunk_size", PATHS)
 @pytest.mark.parametrize("length", [1, 7, 33])
 def test_op_matches_naive_with_mask_and_reset(length, chunk_size):
@@ -41,8 +29,8 @@ def test_op_matches_naive_with_mask_and_reset(length, chunk_size):
     for kwargs in (dict(), dict(mask=mask, reset=reset)):
         out = linear_recurrence(a, b, h0, chunk_size=chunk_size, **kwargs)
         ref = naive_linear_recurrence(a, b, h0, **kwargs)
-        _assert_all_close(out, ref)
-        _assert_all_close(_grads(out, (a, b, h0)), _grads(ref, (a, b, h0)))
+        assert_all_close(out, ref)
+        assert_all_close(random_linear_grads(out, (a, b, h0)), random_linear_grads(ref, (a, b, h0)))
 
 
 @pytest.mark.parametrize("chunk_size", PATHS)
@@ -74,8 +62,8 @@ def test_split_and_carry_equals_one_call(chunk_size):
         )
         pieces.append(states)
     joined = torch.cat(pieces, dim=1)
-    _assert_all_close((joined, h), (full, full_final))
-    _assert_all_close(_grads([joined, h], (a, b, h0)), _grads([full, full_final], (a, b, h0)))
+    assert_all_close((joined, h), (full, full_final))
+    assert_all_close(random_linear_grads([joined, h], (a, b, h0)), random_linear_grads([full, full_final], (a, b, h0)))
 
 
 def test_chunked_form_falls_back_to_the_loop_when_a_chunk_would_overflow():
@@ -83,8 +71,8 @@ def test_chunked_form_falls_back_to_the_loop_when_a_chunk_would_overflow():
     a = (a.detach() * 1e-30).requires_grad_()  # log-decay of ~-70 per step: exp(-A) would overflow within a chunk
     out = linear_recurrence(a, b, h0, chunk_size=8)
     ref = naive_linear_recurrence(a, b, h0)
-    _assert_all_close(out, ref)
-    assert all(torch.isfinite(g).all() for g in _grads(out, (a, b, h0)))
+    assert_all_close(out, ref)
+    assert all(torch.isfinite(g).all() for g in random_linear_grads(out, (a, b, h0)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,9 +128,9 @@ def test_block_matches_published_equations_outputs_and_gradients(chunk_size):
     h0 = torch.randn(2, 32, dtype=torch.float64, requires_grad=True)
     y, (conv, h) = block(x, (conv0, h0))
     ref_y, ref_conv, ref_h = published_equations_loop(block, x, conv0, h0)
-    _assert_all_close((y, conv, h), (ref_y, ref_conv, ref_h))
+    assert_all_close((y, conv, h), (ref_y, ref_conv, ref_h))
     inputs = (x, conv0, h0, *block.parameters())
-    _assert_all_close(_grads([y, h], inputs), _grads([ref_y, ref_h], inputs))
+    assert_all_close(random_linear_grads([y, h], inputs), random_linear_grads([ref_y, ref_h], inputs))
 
 
 def test_init_gives_a_pow_c_in_range():
@@ -162,7 +150,7 @@ def test_full_forward_equals_prefill_then_decode():
         y_t, state = block(x[:, t : t + 1], state)
         pieces.append(y_t)
     torch.testing.assert_close(torch.cat(pieces, dim=1), y_full)
-    _assert_all_close(state, state_full)
+    assert_all_close(state, state_full)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 4])

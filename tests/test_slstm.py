@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from hybridzoo.modeling.block_slstm import HybridSLSTM
 from hybridzoo.modeling.ops_slstm import naive_slstm, slstm_recurrence
-from tiny_models import tiny_config
+from tiny_models import assert_all_close, random_linear_grads, tiny_config
 
 HEADS, HEAD_DIM = 3, 4
 
@@ -24,18 +24,6 @@ def _op_inputs(batch=2, length=7):
     return gate_inputs, recurrent, tuple(s.requires_grad_() for s in state)
 
 
-def _grads(outputs, inputs, seed=1):
-    """Gradients of a fixed random linear function of all `outputs` w.r.t. `inputs`."""
-    generator = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=generator, dtype=o.dtype)).sum() for o in outputs)
-    return torch.autograd.grad(loss, inputs)
-
-
-def _assert_all_close(actual, expected):
-    for x, y in zip(actual, expected, strict=True):
-        torch.testing.assert_close(x, y)
-
-
 @pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
 @pytest.mark.parametrize("length", [1, 7, 33])
 def test_op_matches_naive_outputs_state_and_gradients(length, forget_gate):
@@ -43,10 +31,12 @@ def test_op_matches_naive_outputs_state_and_gradients(length, forget_gate):
     for initial in (None, state):
         hidden, final = slstm_recurrence(gate_inputs, recurrent, initial, forget_gate=forget_gate)
         ref_hidden, ref_final = naive_slstm(gate_inputs, recurrent, initial, forget_gate=forget_gate)
-        _assert_all_close((hidden, *final), (ref_hidden, *ref_final))
+        assert_all_close((hidden, *final), (ref_hidden, *ref_final))
         # losses on the outputs and on the final h (c, n, m are only defined up to the stabiliser's scale)
         inputs = (gate_inputs, recurrent) + (state if initial is not None else ())
-        _assert_all_close(_grads([hidden, final[3]], inputs), _grads([ref_hidden, ref_final[3]], inputs))
+        assert_all_close(
+            random_linear_grads([hidden, final[3]], inputs), random_linear_grads([ref_hidden, ref_final[3]], inputs)
+        )
 
 
 def test_padded_steps_are_identities():
@@ -62,7 +52,7 @@ def test_padded_steps_are_identities():
             row_state = tuple(s[row : row + 1] for s in initial) if initial is not None else None
             ref_hidden, ref_final = naive_slstm(gate_inputs[row : row + 1, keep], recurrent, row_state)
             torch.testing.assert_close(hidden[row, keep], ref_hidden[0])
-            _assert_all_close([s[row] for s in final], [s[0] for s in ref_final])
+            assert_all_close([s[row] for s in final], [s[0] for s in ref_final])
 
 
 def test_reset_makes_a_fresh_state():
@@ -87,9 +77,11 @@ def test_split_and_carry_equals_one_call_with_gradients():
         hidden, carried = slstm_recurrence(gate_inputs[:, start:end], recurrent, carried, reset=reset[:, start:end])
         pieces.append(hidden)
     joined = torch.cat(pieces, dim=1)
-    _assert_all_close((joined, *carried), (full, *full_final))
+    assert_all_close((joined, *carried), (full, *full_final))
     inputs = (gate_inputs, recurrent, *state)
-    _assert_all_close(_grads([joined, carried[3]], inputs), _grads([full, full_final[3]], inputs))
+    assert_all_close(
+        random_linear_grads([joined, carried[3]], inputs), random_linear_grads([full, full_final[3]], inputs)
+    )
 
 
 def test_extreme_gates_stay_finite():
@@ -97,7 +89,7 @@ def test_extreme_gates_stay_finite():
     gate_inputs, recurrent, _ = _op_inputs(length=20)
     big = (gate_inputs.detach() * 60).requires_grad_()
     hidden, final = slstm_recurrence(big, recurrent, None, forget_gate="exp")
-    grads = _grads([hidden], (big, recurrent))
+    grads = random_linear_grads([hidden], (big, recurrent))
     assert all(torch.isfinite(t).all() for t in (hidden, final[0], final[1], final[3], *grads))
 
 
@@ -142,9 +134,9 @@ def test_block_matches_equations_outputs_and_gradients(forget_gate):
     x = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
     y, state = block(x)
     ref_y, ref_state = block_equations_loop(block, x)
-    _assert_all_close((y, *state[:4]), (ref_y, *ref_state))
+    assert_all_close((y, *state[:4]), (ref_y, *ref_state))
     inputs = (x, *block.parameters())
-    _assert_all_close(_grads([y], inputs), _grads([ref_y], inputs))
+    assert_all_close(random_linear_grads([y], inputs), random_linear_grads([ref_y], inputs))
 
 
 @pytest.mark.parametrize("conv", [4, 0])
@@ -159,7 +151,7 @@ def test_full_forward_equals_prefill_then_decode(conv):
         y_t, state = block(x[:, t : t + 1], state)
         pieces.append(y_t)
     torch.testing.assert_close(torch.cat(pieces, dim=1), y_full)
-    _assert_all_close(state, state_full)
+    assert_all_close(state, state_full)
 
 
 def test_left_padded_batch_equals_each_row_alone():
@@ -171,7 +163,7 @@ def test_left_padded_batch_equals_each_row_alone():
     for row, n in enumerate(lengths):
         y_alone, state_alone = block(x[row : row + 1, 9 - n :])
         torch.testing.assert_close(y[row, 9 - n :], y_alone[0])
-        _assert_all_close([s[row] for s in state], [s[0] for s in state_alone])
+        assert_all_close([s[row] for s in state], [s[0] for s in state_alone])
 
 
 def test_reset_starts_a_new_document():

@@ -1,4 +1,5 @@
-"""Tiny model configs shared by the tests: a few thousand parameters each, so the suite is fast on 2 CPU cores."""
+"""Shared test helpers: tiny model configs (a few thousand parameters each, so the suite is fast on 2 CPU cores)
+and two comparisons used by the op tests."""
 
 from __future__ import annotations
 
@@ -37,3 +38,20 @@ def tiny_config(pattern: str = "GGGA", num_layers: int | None = None, **override
 SINGLE_BLOCK_PATTERNS = sorted(BLOCK_LETTERS)
 MIXED_PATTERNS = ["GGGA", "LA", "GLSA", "".join(sorted(BLOCK_LETTERS))]
 ALL_PATTERNS = SINGLE_BLOCK_PATTERNS + MIXED_PATTERNS
+
+
+def random_linear_grads(outputs, inputs, seed: int = 1):
+    """Gradients of a fixed random linear function of all `outputs` w.r.t. `inputs` (compares backward passes)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=generator, dtype=o.dtype)).sum() for o in outputs)
+    return torch.autograd.grad(loss, inputs)
+
+
+def assert_all_close(actual, expected) -> None:
+    """`torch.testing.assert_close` over two equally long sequences of tensors."""
+    import torch
+
+    for x, y in zip(actual, expected, strict=True):
+        torch.testing.assert_close(x, y)
