@@ -25,7 +25,7 @@ from hybridzoo.cli import main as cli_main
 from hybridzoo.hub import HubPushError, push_to_hub
 from hybridzoo.local_hub import LocalHub, validate_card_metadata
 from hybridzoo.model_card import ModelCardError, build_model_card
-from tiny_models import tiny_config
+from tiny_models import BLOCK_HYBRIDZOO_IMPORTS, tiny_config
 
 FAKE_TOKEN = "hf_testTOKENdoNotLeak0123456789"
 FAST = dict(backoff_seconds=0.01)  # retries without real waiting
@@ -97,16 +97,9 @@ def pushed(trained, hub):
     return result, model
 
 
-LOAD_IN_FRESH_PROCESS = textwrap.dedent(
+LOAD_IN_FRESH_PROCESS = BLOCK_HYBRIDZOO_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    class BlockHybridzoo(importlib.abc.MetaPathFinder):
-        # the repo's own code must be what runs: the package may not be imported here
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("hybridzoo", "modeling"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-    sys.meta_path.insert(0, BlockHybridzoo())
+    import json, sys
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hybridzoo import HybridConfig, HybridForCausalLM, HybridForSequenceClassification, HybridModel
-from tiny_models import tiny_config
+from tiny_models import BLOCK_HYBRIDZOO_IMPORTS, tiny_config
 
 
 def test_auto_classes_know_the_model():
@@ -41,16 +41,9 @@ def test_save_pretrained_writes_safetensors_and_remote_code(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
-REMOTE_LOAD = textwrap.dedent(
+REMOTE_LOAD = BLOCK_HYBRIDZOO_IMPORTS + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    class BlockHybridzoo(importlib.abc.MetaPathFinder):
-        # make sure the saved folder's own code is what runs: the package must not be importable here
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("hybridzoo", "modeling"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-    sys.meta_path.insert(0, BlockHybridzoo())
+    import json, sys
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     folder, inputs_file = sys.argv[1], sys.argv[2]

@@ -55,3 +55,16 @@ def assert_all_close(actual, expected) -> None:
 
     for x, y in zip(actual, expected, strict=True):
         torch.testing.assert_close(x, y)
+
+
+# Prepended to the scripts that load a saved or pushed model in a fresh process: the folder's own remote code must be
+# what runs, so importing the installed package (or the repo's top-level folders) fails there.
+BLOCK_HYBRIDZOO_IMPORTS = """
+import importlib.abc, sys
+class BlockHybridzoo(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hybridzoo", "modeling"):
+            raise ImportError(f"{name} is blocked in this test")
+        return None
+sys.meta_path.insert(0, BlockHybridzoo())
+"""
