@@ -1,7 +1,9 @@
 """hybridzoo: hybrid language models (softmax attention + Gated DeltaNet + recurrent blocks) for transformers.
 
 Importing the package registers the model classes with transformers' Auto classes, so
-`AutoModelForCausalLM.from_config(HybridConfig(...))` and `from_pretrained(folder)` work without remote code.
+`AutoModelForCausalLM.from_config(HybridConfig(...))` and `from_pretrained(folder)` work without remote code, and
+registers the blocks' LoRA targets as PEFT's defaults for `model_type="hybridzoo"`, so
+`get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))` needs no `target_modules`.
 """
 
 from transformers import (
@@ -19,6 +21,8 @@ from hybridzoo.modeling import (
     HybridModel,
     HybridPreTrainedModel,
 )
+from hybridzoo.modeling.blocks import register_block
+from hybridzoo.recipes.peft_utils import register_peft_defaults
 
 __version__ = "0.1.0"
 
@@ -26,6 +30,7 @@ AutoConfig.register(HybridConfig.model_type, HybridConfig, exist_ok=True)
 AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HybridConfig, HybridForSequenceClassification, exist_ok=True)
+register_peft_defaults()
 
 __all__ = [
     "HybridCache",
@@ -35,4 +40,5 @@ __all__ = [
     "HybridModel",
     "HybridPreTrainedModel",
     "__version__",
+    "register_block",
 ]

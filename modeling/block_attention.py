@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .block_base import HybridBlock, require_positive_ints
 from .layers import apply_rotary_pos_emb
 
 
@@ -46,12 +47,19 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-class HybridAttention(nn.Module):
-    """Causal softmax attention over the whole context (KV cache grows with the context)."""
+class HybridAttention(HybridBlock):
+    """Causal softmax attention over the whole context (KV cache grows with the context).
 
+    Its fields are Llama's and stay on `HybridConfig` itself (`num_attention_heads`, `num_key_value_heads`,
+    `head_dim`, `rope_parameters`, `attention_bias`, `attention_dropout`, `sliding_window`): transformers' mask and
+    RoPE utilities read them there.
+    """
+
+    block_type = "attention"
     layer_type = "full_attention"  # transformers' `layer_types` name: selects the mask and the cache layer
     pattern_letter = "A"
     is_recurrent = False
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -68,6 +76,21 @@ class HybridAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive_ints(config, ["num_attention_heads", "num_key_value_heads", "head_dim"], "attention")
+        if config.num_attention_heads % config.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
+                f"`num_key_value_heads` ({config.num_key_value_heads}): each KV head serves a whole group."
+            )
+        if config.head_dim % 2 != 0:
+            raise ValueError(f"`head_dim` must be even for rotary embeddings, got {config.head_dim}.")
+
+    @classmethod
+    def cache_layer(cls, config):
+        return DynamicLayer()
 
     @staticmethod
     def parameter_count(config) -> int:
@@ -127,6 +150,20 @@ class HybridAttention(nn.Module):
 class HybridSlidingWindowAttention(HybridAttention):
     """The same attention restricted to the last `config.sliding_window` tokens (constant-size KV cache)."""
 
+    block_type = "sliding_attention"
     layer_type = "sliding_attention"
     pattern_letter = "S"
     kv_formula = "2·Hkv·Dh·b per token, at most sliding_window tokens"
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        if not isinstance(config.sliding_window, int) or config.sliding_window <= 0:
+            raise ValueError(
+                f"`sliding_window` must be a positive integer when `block_types` has sliding_attention blocks, "
+                f"got {config.sliding_window!r}."
+            )
+
+    @classmethod
+    def cache_layer(cls, config):
+        return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)

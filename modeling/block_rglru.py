@@ -23,6 +23,14 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .block_base import (
+    BlockField,
+    HybridBlock,
+    is_positive_int,
+    is_positive_int_or_none,
+    require_divisible,
+    require_positive_ints,
+)
 from .layers import init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_rglru import linear_recurrence
@@ -49,10 +57,25 @@ def rglru_coefficients(log_a: torch.Tensor, gated_x: torch.Tensor) -> tuple[torc
     return torch.exp(log_a), _SqrtBoundedGrad.apply(-torch.expm1(2.0 * log_a)) * gated_x
 
 
-class HybridRGLRU(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+class HybridRGLRU(HybridBlock):
+    block_type = "rglru"
     pattern_letter = "R"
-    is_recurrent = True
+    config_fields = (
+        BlockField("rglru_width", None, "width of the recurrence (default: `hidden_size`)", default_from="hidden_size"),
+        BlockField("rglru_num_heads", None, "heads of the block-diagonal gates, dividing `rglru_width` (default: "
+                   "`num_attention_heads`)", default_from="num_attention_heads"),
+        BlockField("rglru_conv_kernel_dim", 4, "width of the causal conv (Griffin: 4)", is_positive_int,
+                   "must be an integer >= 1"),
+        BlockField("rglru_chunk_size", None, "None: the recurrence as a time loop (fastest on CPU); an int: the "
+                   "chunked form with that chunk length (for accelerators)", is_positive_int_or_none,
+                   "must be None (time loop) or a positive integer"),
+    )
+    lora_targets = ("linear_x", "linear_y", "out_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive_ints(config, ["rglru_width", "rglru_num_heads"], "rglru")
+        require_divisible(config, "rglru_width", "rglru_num_heads")
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()

@@ -62,6 +62,8 @@ class HybridRMSNormGated(nn.Module):
 class HybridMLP(nn.Module):
     """The gated MLP after every mixer (SwiGLU with the default `hidden_act="silu"`), Llama's parameter names."""
 
+    lora_targets = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, config) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
