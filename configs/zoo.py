@@ -203,9 +203,8 @@ def zoo_table(size: str = "small") -> str:
     return "\n".join(lines)
 
 
-def add_subcommand(subparsers) -> None:
+def add_arguments(parser) -> None:
     """`hybridzoo zoo [--size S]` lists the zoo; `hybridzoo zoo show NAME [--size S]` prints one full config."""
-    parser = subparsers.add_parser("zoo", help="list the zoo's architectures, or show one config")
     parser.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     parser.add_argument("name", nargs="?", help="architecture name (for `show`)")
     parser.add_argument("--size", default="small", choices=list(SIZES))
