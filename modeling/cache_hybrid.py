@@ -38,10 +38,11 @@ def accepts_past_key_values(forward: Callable) -> Callable:
 
     @functools.wraps(forward)
     def forward_with_old_name(*args, **kwargs):
-        if "past_key_values" in kwargs:
-            if kwargs.get("cache") is not None:
+        old = kwargs.pop("past_key_values", None)
+        if old is not None:
+            if kwargs.get("cache") not in (None, old):
                 raise ValueError("Pass the cache once: as `cache` or as `past_key_values`, not both.")
-            kwargs["cache"] = kwargs.pop("past_key_values")
+            kwargs["cache"] = old
         return forward(*args, **kwargs)
 
     return forward_with_old_name
