@@ -107,7 +107,12 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
 
 
 class HybridCache(Cache):
-    """Cache for `HybridModel`: one layer per model layer, chosen from `config.layer_types`."""
+    """Cache for `HybridModel`: one layer per model layer, chosen from `config.layer_types`.
+
+    Not `DynamicCache(config=...)`: its linear-attention layers hold one conv + one recurrent tensor per slot with the
+    same slot count in every layer, while our blocks keep 1 to 5 state tensors of their own shapes, and it counts
+    tokens through attention layers only (an attention-free model has none). The layers themselves are transformers'.
+    """
 
     def __init__(self, config) -> None:
         layers = []
