@@ -2,11 +2,12 @@
 
 from .block_base import BlockField, HybridBlock
 from .blocks import register_block
-from .cache_hybrid import HybridCache
+from .cache_hybrid import CACHE_NAME, HybridCache
 from .configuration_hybrid import HybridConfig
 from .modeling_hybrid import HybridForCausalLM, HybridForSequenceClassification, HybridModel, HybridPreTrainedModel
 
 __all__ = [
+    "CACHE_NAME",
     "BlockField",
     "HybridBlock",
     "register_block",

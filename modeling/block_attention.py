@@ -85,8 +85,13 @@ class HybridAttention(HybridBlock):
                 f"`num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
                 f"`num_key_value_heads` ({config.num_key_value_heads}): each KV head serves a whole group."
             )
-        if config.head_dim % 2 != 0:
-            raise ValueError(f"`head_dim` must be even for rotary embeddings, got {config.head_dim}.")
+        factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
+        if not 0 < factor <= 1 or int(config.head_dim * factor) % 2 != 0 or int(config.head_dim * factor) == 0:
+            raise ValueError(
+                f"`partial_rotary_factor` ({factor}) must be in (0, 1] and rotate an even, non-zero number of "
+                f"the `head_dim` ({config.head_dim}) channels: int(head_dim * factor) = "
+                f"{int(config.head_dim * factor)}."
+            )
 
     @classmethod
     def cache_layer(cls, config):
@@ -116,7 +121,7 @@ class HybridAttention(HybridBlock):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -126,8 +131,8 @@ class HybridAttention(HybridBlock):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

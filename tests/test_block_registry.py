@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from hybridzoo import HybridConfig, HybridForCausalLM, register_block
 from hybridzoo.configs.zoo import describe, zoo_table
+from hybridzoo.modeling import CACHE_NAME
 from hybridzoo.modeling.blocks import BLOCK_CLASSES, unregister_block
 from tiny_models import BLOCK_HYBRIDZOO_IMPORTS, PAD, tiny_config
 
@@ -67,7 +68,7 @@ def test_zoo_lists_the_block_and_its_formulas_match_a_real_model():
     info = describe(config)
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     with torch.no_grad():
-        cache = model(torch.randint(3, 64, (1, 12)), use_cache=True).past_key_values
+        cache = getattr(model(torch.randint(3, 64, (1, 12)), use_cache=True), CACHE_NAME)
     assert cache.state_bytes()["recurrent"] == info["recurrent_state_bytes"] == 2 * 4 * 16
 
 
@@ -94,14 +95,13 @@ def test_plain_lora_config_adapts_the_blocks_targets():
 
 
 def greedy(model, input_ids, steps: int, use_cache: bool) -> torch.Tensor:
-    """Greedy decoding by hand: one new token per forward with the cache, or the whole sequence again without it.
-    (By hand rather than `generate()`, whose cache handling on transformers 5.24 is issue 12's.)"""
+    """Greedy decoding by hand: one new token per forward with the cache, or the whole sequence again without it."""
     tokens, cache, step_input = input_ids, None, input_ids
     with torch.no_grad():
         for _ in range(steps):
             if use_cache:
-                out = model(step_input, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(step_input, **{CACHE_NAME: cache}, use_cache=True)
+                cache = getattr(out, CACHE_NAME)
             else:
                 out = model(tokens, use_cache=False)
             step_input = out.logits[:, -1:].argmax(-1)
@@ -112,11 +112,14 @@ def greedy(model, input_ids, steps: int, use_cache: bool) -> torch.Tensor:
 def test_cached_generation_equals_recomputing_and_padding_is_honoured():
     model = toy_model().eval()
     input_ids = torch.randint(3, 64, (2, 7))
-    assert torch.equal(greedy(model, input_ids, 6, use_cache=True), greedy(model, input_ids, 6, use_cache=False))
+    uncached = greedy(model, input_ids, 6, use_cache=False)
+    assert torch.equal(greedy(model, input_ids, 6, use_cache=True), uncached)
+    generated = model.generate(input_ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=PAD)
+    assert torch.equal(generated, uncached)
     with torch.no_grad():
         full = model(input_ids).logits
         first = model(input_ids[:, :4], use_cache=True)
-        rest = model(input_ids[:, 4:], past_key_values=first.past_key_values, use_cache=True).logits
+        rest = model(input_ids[:, 4:], **{CACHE_NAME: getattr(first, CACHE_NAME)}, use_cache=True).logits
         torch.testing.assert_close(torch.cat([first.logits, rest], dim=1), full, atol=1e-5, rtol=1e-5)
         padded = torch.cat([torch.full((2, 3), PAD), input_ids], dim=1)
         mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones_like(input_ids)], dim=1)
