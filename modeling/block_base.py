@@ -58,6 +58,10 @@ def is_positive_int(value: Any) -> bool:
     return is_int(value) and value > 0
 
 
+def is_int_or_none(value: Any) -> bool:
+    return value is None or is_int(value)
+
+
 def is_positive_int_or_none(value: Any) -> bool:
     return value is None or is_positive_int(value)
 
@@ -130,6 +134,7 @@ __all__ = [
     "HybridBlock",
     "is_bool",
     "is_int",
+    "is_int_or_none",
     "is_positive_int",
     "is_positive_int_or_none",
     "is_positive_number",

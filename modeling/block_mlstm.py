@@ -34,7 +34,7 @@ import torch
 import transformers.initialization as init
 from torch import nn
 
-from .block_base import BlockField, HybridBlock, is_positive_int, is_positive_number, one_of
+from .block_base import BlockField, HybridBlock, is_int_or_none, is_positive_int, is_positive_number, one_of
 from .ops_mlstm import mlstm
 
 
@@ -66,7 +66,7 @@ class HybridMLSTM(HybridBlock):
     pattern_letter = "M"
     config_fields = (
         BlockField("mlstm_num_heads", None, "heads (default: `num_attention_heads`)",
-                   default_from="num_attention_heads"),
+                   is_int_or_none, "must be an integer or None", default_from="num_attention_heads"),
         BlockField("mlstm_qk_dim_factor", 0.5, "q/k width as a fraction of `hidden_size` (xLSTM-7B: 0.5)",
                    is_positive_number, "must be > 0"),
         BlockField("mlstm_v_dim_factor", 1.0, "v width as a fraction of `hidden_size` (xLSTM-7B: 1.0)",

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from .block_base import (
     BlockField,
     HybridBlock,
+    is_int_or_none,
     is_positive_int,
     is_positive_int_or_none,
     require_divisible,
@@ -61,9 +62,11 @@ class HybridRGLRU(HybridBlock):
     block_type = "rglru"
     pattern_letter = "R"
     config_fields = (
-        BlockField("rglru_width", None, "width of the recurrence (default: `hidden_size`)", default_from="hidden_size"),
+        BlockField("rglru_width", None, "width of the recurrence (default: `hidden_size`)", is_int_or_none,
+                   "must be an integer or None", default_from="hidden_size"),
         BlockField("rglru_num_heads", None, "heads of the block-diagonal gates, dividing `rglru_width` (default: "
-                   "`num_attention_heads`)", default_from="num_attention_heads"),
+                   "`num_attention_heads`)", is_int_or_none, "must be an integer or None",
+                   default_from="num_attention_heads"),
         BlockField("rglru_conv_kernel_dim", 4, "width of the causal conv (Griffin: 4)", is_positive_int,
                    "must be an integer >= 1"),
         BlockField("rglru_chunk_size", None, "None: the recurrence as a time loop (fastest on CPU); an int: the "

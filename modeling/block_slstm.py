@@ -16,7 +16,15 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
-from .block_base import BlockField, HybridBlock, is_int, one_of, require_divisible, require_positive_ints
+from .block_base import (
+    BlockField,
+    HybridBlock,
+    is_int,
+    is_int_or_none,
+    one_of,
+    require_divisible,
+    require_positive_ints,
+)
 from .layers import init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_slstm import slstm_recurrence
@@ -27,7 +35,8 @@ class HybridSLSTM(HybridBlock):
     pattern_letter = "X"
     config_fields = (
         BlockField("slstm_num_heads", None, "heads of the block-diagonal recurrent matrix, dividing `hidden_size` "
-                   "(default: `num_attention_heads`)", default_from="num_attention_heads"),
+                   "(default: `num_attention_heads`)", is_int_or_none, "must be an integer or None",
+                   default_from="num_attention_heads"),
         BlockField("slstm_conv_kernel_dim", 4, "width of the causal conv feeding the input and forget gates (xLSTM: "
                    "4); 0 turns it off", lambda value: is_int(value) and value >= 0,
                    "must be an integer >= 0 (0: no conv)"),
