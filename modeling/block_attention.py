@@ -1,11 +1,13 @@
 """Softmax attention block: multi-head attention with grouped KV heads, RoPE and an optional sliding window.
 
-Parameter names and math follow transformers' Llama, so an all-attention hybrid is a Llama. Options that other
-checkpoints need, all off by default: `attention_output_gate` (Qwen3-Next / Qwen3.5: `q_proj` emits a query and a gate
-per head, and the attention output is multiplied by `sigmoid(gate)` before `o_proj`), `attention_qk_norm` (an RMSNorm
-over each query and key head before RoPE, zero-centred when `rms_norm_zero_centered`) and `attention_out_bias` (an
-`o_proj` bias set apart from q/k/v's `attention_bias`: RecurrentGemma has one on `o_proj` only). The attention kernel comes
+Parameter names and math follow transformers' Llama, so an all-attention hybrid is a Llama. The attention kernel comes
 from transformers' attention interface (`sdpa`, `eager`, flash, flex), chosen by `config._attn_implementation`.
+
+Options that other checkpoints need, all off by default:
+* `attention_output_gate` (Qwen3-Next, Qwen3.5): `q_proj` emits a query and a gate per head, and the attention output
+  is multiplied by `sigmoid(gate)` before `o_proj`;
+* `attention_qk_norm`: an RMSNorm over each query and key head before RoPE (zero-centred with `rms_norm_zero_centered`);
+* `attention_out_bias`: an `o_proj` bias set apart from q/k/v's `attention_bias` (RecurrentGemma: on `o_proj` only).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class HybridAttention(nn.Module):
             config.num_key_value_heads * config.head_dim,
         )
         gate_width = query_width if config.attention_output_gate else 0
-        count = 2 * config.hidden_size * query_width + 2 * config.hidden_size * kv_width + config.hidden_size * gate_width
+        count = config.hidden_size * (2 * query_width + 2 * kv_width + gate_width)
         if config.attention_bias:
             count += query_width + gate_width + 2 * kv_width
         out_bias = config.attention_bias if config.attention_out_bias is None else config.attention_out_bias

@@ -304,7 +304,8 @@ class HybridConfig(PreTrainedConfig):
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
             raise ValueError(f"`embedding_scale` must be a positive finite number (1.0: off), got {scale!r}.")
         cap = self.final_logit_softcapping
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")):
+        bad_cap = isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")
+        if cap is not None and bad_cap:
             raise ValueError(f"`final_logit_softcapping` must be a positive number or None (off), got {cap!r}.")
         if isinstance(self.mlstm_eps, bool) or not isinstance(self.mlstm_eps, (int, float)) or self.mlstm_eps <= 0:
             raise ValueError(f"`mlstm_eps` must be a positive number, got {self.mlstm_eps!r}.")
