@@ -374,9 +374,10 @@ def xlstm_config(source) -> dict:
         raise UnsupportedCheckpoint("`add_out_norm=False`: hybridzoo always applies the final norm.")
     up = source.ffn_round_up_to_multiple_of
     intermediate = math.ceil(source.hidden_size * source.ffn_proj_factor / up) * up
+    fields = _shared(source)
+    fields["num_hidden_layers"] = source.num_blocks
     return dict(
-        **_shared(source),
-        num_hidden_layers=source.num_blocks,
+        **fields,
         intermediate_size=intermediate,
         hidden_act="silu",
         block_pattern="M",

@@ -35,7 +35,9 @@ from transformers import AutoConfig, GenerationConfig
 from hybridzoo.configs.checkpoint_maps import CHECKPOINT_MAPS, CheckpointMap, UnsupportedCheckpoint, WeightRule
 from hybridzoo.modeling import HybridConfig, HybridForCausalLM
 
-__all__ = ["ConversionError", "UnsupportedCheckpoint", "convert_checkpoint", "export_checkpoint"]
+__all__ = [
+    "ConversionError", "UnsupportedCheckpoint", "convert_checkpoint", "convert_state_dict", "export_checkpoint",
+]
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
@@ -111,37 +113,43 @@ class PlannedKey:
     targets: list[str]
 
 
-def _plan(checkpoint_map: CheckpointMap, files: list[Path], expected: dict[str, torch.Size], tied: bool):
+def _header_entries(files: list[Path]) -> list[tuple[str, list[int], Path]]:
+    """(key, shape, file) of every tensor, read from the safetensors headers only."""
+    entries = []
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            entries += [(key, handle.get_slice(key).get_shape(), file) for key in handle.keys()]
+    return entries
+
+
+def _plan(checkpoint_map: CheckpointMap, entries, expected: dict[str, torch.Size], tied: bool):
     """Match every source key to one rule and check that the targets fill `expected` exactly (names and shapes)."""
     compiled = [(rule, _pattern(rule.source)) for rule in checkpoint_map.weights]
     planned, unknown, ambiguous, dropped = [], [], [], []
     filled: dict[str, str] = {}
     duplicates, unexpected, wrong_shapes = [], [], []
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():
-                matches = [(rule, m) for rule, pattern in compiled if (m := pattern.match(key))]
-                if not matches:
-                    unknown.append(key)
-                    continue
-                if len(matches) > 1:
-                    ambiguous.append(key)
-                    continue
-                rule, match = matches[0]
-                if rule.target is None or (tied and rule.target == "lm_head.weight"):
-                    dropped.append(key)
-                    continue
-                targets = _targets(rule, match)
-                shape = handle.get_slice(key).get_shape()
-                if rule.op == "copy" and list(shape) != list(expected.get(targets[0], shape)):
-                    wrong_shapes.append(f"{key} {list(shape)} -> {targets[0]} {list(expected[targets[0]])}")
-                for target in targets:
-                    if target not in expected:
-                        unexpected.append(f"{key} -> {target}")
-                    elif target in filled:
-                        duplicates.append(f"{target} (from {filled[target]} and {key})")
-                    filled[target] = key
-                planned.append(PlannedKey(key, file, rule, targets))
+    for key, shape, file in entries:
+        matches = [(rule, m) for rule, pattern in compiled if (m := pattern.match(key))]
+        if not matches:
+            unknown.append(key)
+            continue
+        if len(matches) > 1:
+            ambiguous.append(key)
+            continue
+        rule, match = matches[0]
+        if rule.target is None or (tied and rule.target == "lm_head.weight"):
+            dropped.append(key)
+            continue
+        targets = _targets(rule, match)
+        if rule.op == "copy" and targets[0] in expected and list(shape) != list(expected[targets[0]]):
+            wrong_shapes.append(f"{key} {list(shape)} -> {targets[0]} {list(expected[targets[0]])}")
+        for target in targets:
+            if target not in expected:
+                unexpected.append(f"{key} -> {target}")
+            elif target in filled:
+                duplicates.append(f"{target} (from {filled[target]} and {key})")
+            filled[target] = key
+        planned.append(PlannedKey(key, file, rule, targets))
     missing = sorted(set(expected) - set(filled))
     problems = []
     for title, keys in [
@@ -245,6 +253,36 @@ class _Progress:
         )
 
 
+def _apply(item: PlannedKey, tensor: torch.Tensor, expected, config: HybridConfig) -> dict[str, torch.Tensor]:
+    """One source tensor as its hybridzoo tensor(s)."""
+    if item.rule.op == "copy":
+        parts = [tensor]
+    else:
+        split, _ = SPLIT_OPS[item.rule.op]
+        parts = split(tensor, [expected[t] for t in item.targets], config)
+    converted = {}
+    for target, part in zip(item.targets, parts, strict=True):
+        if part.shape != expected[target]:
+            raise ConversionError(
+                f"{item.source} -> {target}: shape {list(part.shape)}, expected {list(expected[target])}"
+            )
+        converted[target] = part.contiguous()
+    return converted
+
+
+def convert_state_dict(source_config, state_dict: dict[str, torch.Tensor]) -> tuple[HybridConfig, dict]:
+    """In memory: a transformers model's config and state dict (or any tensors keyed like it, e.g. gradients) as a
+    `HybridConfig` and hybridzoo state dict, with the same checks as `convert_checkpoint`."""
+    checkpoint_map, config = hybrid_config_for(source_config)
+    expected = _expected_shapes(config)
+    entries = [(key, list(tensor.shape), None) for key, tensor in state_dict.items()]
+    planned, _ = _plan(checkpoint_map, entries, expected, config.tie_word_embeddings)
+    converted = {}
+    for item in planned:
+        converted.update(_apply(item, state_dict[item.source], expected, config))
+    return config, converted
+
+
 def _stream(planned: list[PlannedKey], files: list[Path], expected, config, out: Path, quiet: bool) -> None:
     by_file: dict[Path, list[PlannedKey]] = {}
     for item in planned:
@@ -261,17 +299,7 @@ def _stream(planned: list[PlannedKey], files: list[Path], expected, config, out:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(file, framework="pt") as handle:
             for item in by_file[file]:
-                tensor = handle.get_tensor(item.source)
-                if item.rule.op == "copy":
-                    parts = [tensor]
-                else:
-                    split, _ = SPLIT_OPS[item.rule.op]
-                    parts = split(tensor, [expected[t] for t in item.targets], config)
-                for target, part in zip(item.targets, parts, strict=True):
-                    if part.shape != expected[target]:
-                        raise ConversionError(f"{item.source} -> {target}: shape {list(part.shape)}, "
-                                              f"expected {list(expected[target])}")
-                    tensors[target] = part.contiguous()
+                tensors.update(_apply(item, handle.get_tensor(item.source), expected, config))
         save_file(tensors, out / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -366,7 +394,7 @@ def convert_checkpoint(
     checkpoint_map, config = hybrid_config_for(source_config)
     files = _weight_files(folder)
     expected = _expected_shapes(config)
-    planned, dropped = _plan(checkpoint_map, files, expected, config.tie_word_embeddings)
+    planned, dropped = _plan(checkpoint_map, _header_entries(files), expected, config.tie_word_embeddings)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
