@@ -32,6 +32,7 @@ class WeightRule:
     # "key_head_groups": the same, but interleaved per GDN key head (Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba`)
     op: str = "copy"
     reason: str = ""  # why a dropped key can be dropped
+    block: str | None = None  # the block type layer {i} must have (several blocks share target names, e.g. q_proj)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ _MLP = (
     WeightRule("model.layers.{i}.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight"),
 )
 _ATTENTION = tuple(
-    WeightRule(f"model.layers.{{i}}.self_attn.{name}.{kind}", f"model.layers.{{i}}.mixer.{name}.{kind}")
+    WeightRule(f"model.layers.{{i}}.self_attn.{name}.{kind}", f"model.layers.{{i}}.mixer.{name}.{kind}",
+               block="attention")
     for name in ("q_proj", "k_proj", "v_proj", "o_proj")
     for kind in ("weight", "bias")
 )
@@ -234,16 +236,22 @@ def qwen3_next_export_config(config) -> dict:
     )
 
 
-_QWEN_ATTENTION_NORMS = (
-    WeightRule("model.layers.{i}.self_attn.q_norm.weight", "model.layers.{i}.mixer.q_norm.weight"),
-    WeightRule("model.layers.{i}.self_attn.k_norm.weight", "model.layers.{i}.mixer.k_norm.weight"),
+_QWEN_ATTENTION_NORMS = tuple(
+    WeightRule(f"model.layers.{{i}}.self_attn.{n}.weight", f"model.layers.{{i}}.mixer.{n}.weight", block="attention")
+    for n in ("q_norm", "k_norm")
 )
+
+
+def _gdn(name: str, target: str | tuple[str, ...], op: str = "copy") -> WeightRule:
+    return WeightRule(f"model.layers.{{i}}.linear_attn.{name}", target, op, block="gated_deltanet")
+
+
 _QWEN_GDN_COMMON = (
-    WeightRule("model.layers.{i}.linear_attn.conv1d.weight", "model.layers.{i}.mixer.conv1d.weight"),
-    WeightRule("model.layers.{i}.linear_attn.A_log", "model.layers.{i}.mixer.A_log"),
-    WeightRule("model.layers.{i}.linear_attn.dt_bias", "model.layers.{i}.mixer.dt_bias"),
-    WeightRule("model.layers.{i}.linear_attn.norm.weight", "model.layers.{i}.mixer.norm.weight"),
-    WeightRule("model.layers.{i}.linear_attn.out_proj.weight", "model.layers.{i}.mixer.o_proj.weight"),
+    _gdn("conv1d.weight", "model.layers.{i}.mixer.conv1d.weight"),
+    _gdn("A_log", "model.layers.{i}.mixer.A_log"),
+    _gdn("dt_bias", "model.layers.{i}.mixer.dt_bias"),
+    _gdn("norm.weight", "model.layers.{i}.mixer.norm.weight"),
+    _gdn("out_proj.weight", "model.layers.{i}.mixer.o_proj.weight"),
 )
 _MTP = WeightRule(
     "mtp.{*}", None, reason="multi-token-prediction head, unused by the causal LM (transformers drops it on load)"
@@ -260,12 +268,9 @@ QWEN3_NEXT = CheckpointMap(
         *_QWEN_ATTENTION_NORMS,
         *_MLP,
         *_QWEN_GDN_COMMON,
-        WeightRule("model.layers.{i}.linear_attn.in_proj_qkvz.weight", _GDN_QKVZ, op="key_head_groups"),
-        WeightRule(
-            "model.layers.{i}.linear_attn.in_proj_ba.weight",
-            ("model.layers.{i}.mixer.b_proj.weight", "model.layers.{i}.mixer.a_proj.weight"),
-            op="key_head_groups",
-        ),
+        _gdn("in_proj_qkvz.weight", _GDN_QKVZ, op="key_head_groups"),
+        _gdn("in_proj_ba.weight", ("model.layers.{i}.mixer.b_proj.weight", "model.layers.{i}.mixer.a_proj.weight"),
+             op="key_head_groups"),
         _MTP,
     ),
     notes="dense models: GDN (fused `in_proj_qkvz`/`in_proj_ba` split per key head) and gated attention with q/k "
@@ -290,10 +295,8 @@ QWEN3_5 = CheckpointMap(
         *_QWEN_ATTENTION_NORMS,
         *_MLP,
         *_QWEN_GDN_COMMON,
-        WeightRule("model.layers.{i}.linear_attn.in_proj_qkv.weight", _GDN_QKVZ[:3], op="rows"),
-        WeightRule("model.layers.{i}.linear_attn.in_proj_z.weight", "model.layers.{i}.mixer.z_proj.weight"),
-        WeightRule("model.layers.{i}.linear_attn.in_proj_b.weight", "model.layers.{i}.mixer.b_proj.weight"),
-        WeightRule("model.layers.{i}.linear_attn.in_proj_a.weight", "model.layers.{i}.mixer.a_proj.weight"),
+        _gdn("in_proj_qkv.weight", _GDN_QKVZ[:3], op="rows"),
+        *(_gdn(f"in_proj_{n}.weight", f"model.layers.{{i}}.mixer.{n}_proj.weight") for n in "zba"),
         _MTP,
     ),
     notes="the text model (`Qwen3_5ForCausalLM`): GDN (`in_proj_qkv` split into q/k/v) and gated attention as "

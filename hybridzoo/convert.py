@@ -44,9 +44,6 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
 )
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json", *TOKENIZER_FILES]
-# partial rotary (RoPE on the first fraction of each head) is being added to the attention block separately; until then
-# a source that uses it is refused rather than converted with full rotary
-SUPPORTS_PARTIAL_ROTARY = False
 
 
 class ConversionError(ValueError):
@@ -122,12 +119,13 @@ def _header_entries(files: list[Path]) -> list[tuple[str, list[int], Path]]:
     return entries
 
 
-def _plan(checkpoint_map: CheckpointMap, entries, expected: dict[str, torch.Size], tied: bool):
+def _plan(checkpoint_map: CheckpointMap, entries, expected: dict[str, torch.Size], config: HybridConfig):
     """Match every source key to one rule and check that the targets fill `expected` exactly (names and shapes)."""
     compiled = [(rule, _pattern(rule.source)) for rule in checkpoint_map.weights]
+    tied = config.tie_word_embeddings
     planned, unknown, ambiguous, dropped = [], [], [], []
     filled: dict[str, str] = {}
-    duplicates, unexpected, wrong_shapes = [], [], []
+    duplicates, unexpected, wrong_shapes, wrong_blocks = [], [], [], []
     for key, shape, file in entries:
         matches = [(rule, m) for rule, pattern in compiled if (m := pattern.match(key))]
         if not matches:
@@ -141,6 +139,12 @@ def _plan(checkpoint_map: CheckpointMap, entries, expected: dict[str, torch.Size
             dropped.append(key)
             continue
         targets = _targets(rule, match)
+        if rule.block is not None:
+            layer = int(match.group("i"))
+            block = config.block_types[layer] if layer < len(config.block_types) else None
+            if block != rule.block:
+                wrong_blocks.append(f"{key}: a {rule.block} weight, but layer {layer} is {block}")
+                continue
         if rule.op == "copy" and targets[0] in expected and list(shape) != list(expected[targets[0]]):
             wrong_shapes.append(f"{key} {list(shape)} -> {targets[0]} {list(expected[targets[0]])}")
         for target in targets:
@@ -156,6 +160,7 @@ def _plan(checkpoint_map: CheckpointMap, entries, expected: dict[str, torch.Size
         ("source keys no rule maps (unknown)", unknown), ("source keys several rules match", ambiguous),
         ("targets the model does not have (the source config and weights disagree)", unexpected),
         ("model weights filled twice", duplicates), ("shape mismatches", wrong_shapes),
+        ("weights of a block the config does not put in that layer", wrong_blocks),
         ("model weights the checkpoint does not fill (missing)", missing),
     ]:
         if keys:
@@ -212,14 +217,7 @@ def source_map(source_config) -> CheckpointMap:
 
 def hybrid_config_for(source_config) -> tuple[CheckpointMap, HybridConfig]:
     checkpoint_map = source_map(source_config)
-    fields = checkpoint_map.config(source_config)
-    partial = (fields.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
-    if partial != 1.0 and not SUPPORTS_PARTIAL_ROTARY:
-        raise UnsupportedCheckpoint(
-            f"{checkpoint_map.architecture} uses partial rotary embeddings (`partial_rotary_factor` = {partial}), "
-            "which this hybridzoo version does not implement yet."
-        )
-    return checkpoint_map, HybridConfig(**fields)
+    return checkpoint_map, HybridConfig(**checkpoint_map.config(source_config))
 
 
 def _expected_shapes(config: HybridConfig) -> dict[str, torch.Size]:
@@ -276,7 +274,7 @@ def convert_state_dict(source_config, state_dict: dict[str, torch.Tensor]) -> tu
     checkpoint_map, config = hybrid_config_for(source_config)
     expected = _expected_shapes(config)
     entries = [(key, list(tensor.shape), None) for key, tensor in state_dict.items()]
-    planned, _ = _plan(checkpoint_map, entries, expected, config.tie_word_embeddings)
+    planned, _ = _plan(checkpoint_map, entries, expected, config)
     converted = {}
     for item in planned:
         converted.update(_apply(item, state_dict[item.source], expected, config))
@@ -394,7 +392,7 @@ def convert_checkpoint(
     checkpoint_map, config = hybrid_config_for(source_config)
     files = _weight_files(folder)
     expected = _expected_shapes(config)
-    planned, dropped = _plan(checkpoint_map, _header_entries(files), expected, config.tie_word_embeddings)
+    planned, dropped = _plan(checkpoint_map, _header_entries(files), expected, config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -427,6 +425,8 @@ def _iter_export(checkpoint_map: CheckpointMap, state: dict[str, torch.Tensor], 
         names = (rule.target,) if isinstance(rule.target, str) else rule.target
         indices = layer_indices if "{i}" in rule.source else [None]
         for index in indices:
+            if rule.block is not None and config.block_types[int(index)] != rule.block:
+                continue
             keys = [n.replace("{i}", index) if index is not None else n for n in names]
             if not all(k in state for k in keys):
                 continue

@@ -31,7 +31,6 @@ from transformers.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 from hybridzoo import HybridForCausalLM
 from hybridzoo.cli import main as cli_main
 from hybridzoo.convert import (
-    SUPPORTS_PARTIAL_ROTARY,
     ConversionError,
     UnsupportedCheckpoint,
     convert_checkpoint,
@@ -42,8 +41,6 @@ from tiny_models import BLOCK_HYBRIDZOO_IMPORTS, random_linear_grads
 
 VOCAB = 64
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-# the released models rotate part of each head; until hybridzoo implements that, the tiny sources rotate all of it
-PARTIAL = (lambda factor: factor) if SUPPORTS_PARTIAL_ROTARY else (lambda factor: 1.0)
 
 
 def _qwen_fields() -> dict:
@@ -52,7 +49,7 @@ def _qwen_fields() -> dict:
         head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
         linear_value_head_dim=8, linear_conv_kernel_dim=4, max_position_embeddings=128,
         layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": PARTIAL(0.25)},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
     )
 
 
@@ -66,7 +63,7 @@ SOURCES = {
     "recurrent_gemma": lambda: RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
         **COMMON, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         lru_width=32, attention_window_size=6, conv1d_width=4, logits_soft_cap=30.0,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": PARTIAL(0.5)},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
     )),
     "xlstm": lambda: xLSTMForCausalLM(xLSTMConfig(
         **COMMON, num_blocks=2, num_heads=4, ffn_proj_factor=1.5, ffn_round_up_to_multiple_of=16, chunk_size=4,
