@@ -183,7 +183,8 @@ def _resolve_source(source: str | os.PathLike, revision: str | None) -> tuple[Pa
         raise ValueError(f"SOURCE {source!r} is a file; give the checkpoint's folder or a Hub repo id.")
     from huggingface_hub import snapshot_download
 
-    folder = snapshot_download(repo_id=str(source), revision=revision, allow_patterns=HUB_PATTERNS)
+    endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it only at its import
+    folder = snapshot_download(repo_id=str(source), revision=revision, allow_patterns=HUB_PATTERNS, endpoint=endpoint)
     return Path(folder), str(source)
 
 

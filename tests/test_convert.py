@@ -182,7 +182,11 @@ def test_greedy_generate_32_tokens_matches_source(converted, name):
     model = HybridForCausalLM.from_pretrained(folder).eval()
     prompt = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3))
     generated = model.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-    # reference: greedy decoding with the source's full uncached forward, one new token at a time
+    if name in CACHE_OK:
+        expected = source.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        assert torch.equal(generated, expected)
+        return
+    # reference where their cache is wrong: greedy decoding with their full uncached forward, one token at a time
     tokens = prompt
     with torch.no_grad():
         for _ in range(32):
@@ -352,3 +356,29 @@ def test_export_refuses_a_model_that_does_not_fit(tmp_path):
     with pytest.raises(UnsupportedCheckpoint, match="block_types"):
         export_checkpoint(tmp_path / "hybrid", tmp_path / "out", "llama")
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_repo_id_source(tmp_path, monkeypatch):
+    """SOURCE as a Hub repo id, downloaded through huggingface_hub from the project's local Hub-compatible server."""
+    from huggingface_hub import HfApi
+
+    from hybridzoo.local_hub import LocalHub
+
+    with LocalHub(tmp_path / "hub") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_testTOKENforLocalHub0123456789")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        source = random_source("recurrent_gemma")
+        source.save_pretrained(tmp_path / "source")
+        api = HfApi(endpoint=hub.endpoint)
+        api.create_repo("local-user/tiny-recurrentgemma")
+        api.upload_folder(folder_path=tmp_path / "source", repo_id="local-user/tiny-recurrentgemma")
+        folder = convert_checkpoint("local-user/tiny-recurrentgemma", tmp_path / "out", quiet=True)
+    assert "base_model: local-user/tiny-recurrentgemma" in (folder / "README.md").read_text()
+    model = HybridForCausalLM.from_pretrained(folder).eval()
+    input_ids = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert _relative(model(input_ids).logits, _source_logits(source, input_ids)) < 1e-4
