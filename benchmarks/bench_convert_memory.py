@@ -2,7 +2,7 @@
 
 Writes a random `LlamaForCausalLM` checkpoint of the zoo size (default `large`, ~0.85B parameters, fp32, ~500 MB
 shards; written shard by shard, never whole in memory), then measures in fresh processes the peak resident memory
-(`ru_maxrss`) of (a) `convert_checkpoint` and (b) the baseline that loads every tensor at once (`load_file` of all
+(`VmHWM`) of (a) `convert_checkpoint` and (b) the baseline that loads every tensor at once (`load_file` of all
 shards, what a non-streaming converter needs at least). Target: the conversion's peak stays below half the checkpoint
 size (so a checkpoint larger than RAM/2 converts), and far below the baseline.
 
@@ -25,10 +25,11 @@ from safetensors.torch import save_file
 
 SHARD_BYTES = 500 * 2**20
 
+# VmHWM (peak resident set of this process image): unlike `ru_maxrss`, it is not inherited across exec from the parent
 PEAK = """
-import resource, sys
+import sys
 {body}
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_KB", [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
 """
 IMPORTS_ONLY = "import torch, transformers, safetensors\nimport hybridzoo.convert"
 CONVERT = IMPORTS_ONLY + "\nhybridzoo.convert.convert_checkpoint(sys.argv[1], sys.argv[2], quiet=True)"

@@ -304,6 +304,32 @@ QWEN3_5 = CheckpointMap(
 )
 
 
+def qwen3_5_vlm_config(source) -> dict:
+    """The text half of a Qwen3.5 vision-language checkpoint."""
+    return _qwen_gdn_attention(source.text_config)
+
+
+def _text_only(rule: WeightRule) -> WeightRule:
+    """A Qwen3.5 text rule as it appears inside the vision-language checkpoint (`model.language_model.*`)."""
+    if not rule.source.startswith("model."):
+        return rule
+    return WeightRule("model.language_model." + rule.source.removeprefix("model."), rule.target, rule.op,
+                      rule.reason, rule.block)
+
+
+QWEN3_5_VLM = CheckpointMap(
+    architecture="Qwen3_5ForConditionalGeneration",
+    model_type="qwen3_5",
+    config=qwen3_5_vlm_config,
+    weights=(
+        *(_text_only(rule) for rule in QWEN3_5.weights),
+        WeightRule("model.visual.{*}", None, reason="vision tower: a hybridzoo model is a text-only causal LM"),
+    ),
+    notes="the language model of the released (vision-language) Qwen3.5 checkpoints, mapped as `Qwen3_5ForCausalLM`; "
+    "`model.visual.*` dropped (text only)",
+)
+
+
 # ---------------------------------------------------------------------------------------------- RecurrentGemma
 RECURRENT_GEMMA_BLOCKS = {"linear_attention": "rglru", "sliding_attention": "sliding_attention"}
 
@@ -438,5 +464,5 @@ XLSTM = CheckpointMap(
 )
 
 CHECKPOINT_MAPS: dict[str, CheckpointMap] = {
-    m.architecture: m for m in (LLAMA, QWEN3_NEXT, QWEN3_5, RECURRENT_GEMMA, XLSTM)
+    m.architecture: m for m in (LLAMA, QWEN3_NEXT, QWEN3_5, QWEN3_5_VLM, RECURRENT_GEMMA, XLSTM)
 }

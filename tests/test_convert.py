@@ -382,3 +382,47 @@ def test_hub_repo_id_source(tmp_path, monkeypatch):
     input_ids = torch.randint(3, VOCAB, (1, 8))
     with torch.no_grad():
         assert _relative(model(input_ids).logits, _source_logits(source, input_ids)) < 1e-4
+
+
+def test_qwen3_5_vision_language_checkpoint_converts_its_language_model(tmp_path):
+    """The released Qwen3.5 checkpoints are `Qwen3_5ForConditionalGeneration`: the text model converts, the vision
+    tower is dropped, and text-only logits equal the vision-language model's."""
+    from transformers.models.qwen3_5 import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    text = {k: v for k, v in _qwen_fields().items() if k not in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    config = Qwen3_5Config(
+        text_config=text,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+    )
+    torch.manual_seed(0)
+    source = Qwen3_5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    source.save_pretrained(tmp_path / "source")
+    folder = convert_checkpoint(tmp_path / "source", tmp_path / "out", quiet=True)
+    assert "model.visual" in (folder / "README.md").read_text()  # the dropped keys are named in the card
+    model = HybridForCausalLM.from_pretrained(folder).eval()
+    input_ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert _relative(model(input_ids).logits, source(input_ids=input_ids, use_cache=False).logits) < 1e-4
+
+
+def test_bf16_checkpoint_keeps_its_bits_and_zero_centred_norms(tmp_path):
+    """A bf16 RecurrentGemma converts without any rounding: every tensor keeps its dtype and bits (zero-centred norm
+    weights are stored as `w`, not as a rounded `1 + w`), and the bf16 model's logits stay with the source's."""
+    source = random_source("recurrent_gemma").to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "source")
+    folder = convert_checkpoint(tmp_path / "source", tmp_path / "out", quiet=True)
+    theirs, ours = load_file(tmp_path / "source" / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    assert torch.equal(ours["model.norm.weight"], theirs["model.final_norm.weight"])  # w as stored, not 1 + w
+    lambda_key = "model.layers.0.temporal_block.rg_lru.recurrent_param"
+    assert torch.equal(ours["model.layers.0.mixer.a_param"], theirs[lambda_key])
+    _, mapped = convert_state_dict(source.config, theirs)
+    assert set(mapped) == set(ours) and all(torch.equal(mapped[k], ours[k]) for k in ours)
+    model = HybridForCausalLM.from_pretrained(folder).eval()
+    assert model.dtype == torch.bfloat16
+    input_ids = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert _relative(model(input_ids).logits.float(), _source_logits(source, input_ids).float()) < 2e-2
