@@ -166,6 +166,11 @@ def _qwen_gdn_attention(source) -> dict:
     unknown = sorted(set(source.layer_types) - set(QWEN_BLOCKS))
     if unknown:
         raise UnsupportedCheckpoint(f"`layer_types` has {unknown}; only {sorted(QWEN_BLOCKS)} map.")
+    if source.hidden_act != "silu" and "linear_attention" in source.layer_types:
+        raise UnsupportedCheckpoint(
+            f"`hidden_act` = {source.hidden_act!r}: Qwen3-Next / Qwen3.5 also apply it after the GDN conv, where "
+            "hybridzoo's gated DeltaNet uses SiLU (as every released model does)."
+        )
     return dict(
         **_shared(source),
         **_attention(source),
@@ -212,7 +217,7 @@ def qwen3_next_export_config(config) -> dict:
     for name, value in [
         ("attention_output_gate", True), ("attention_qk_norm", True), ("rms_norm_zero_centered", True),
         ("rms_norm_bias", False), ("mlp_bias", False), ("embedding_scale", 1.0), ("final_logit_softcapping", None),
-        ("linear_allow_neg_eigval", False),
+        ("linear_allow_neg_eigval", False), ("hidden_act", "silu"),
     ]:
         if getattr(config, name) != value:
             misfits.append(f"{name}={getattr(config, name)!r} (Qwen3-Next: {value!r})")
@@ -335,6 +340,11 @@ RECURRENT_GEMMA_BLOCKS = {"linear_attention": "rglru", "sliding_attention": "sli
 
 
 def recurrent_gemma_config(source) -> dict:
+    if source.hidden_activation != "gelu_pytorch_tanh":
+        raise UnsupportedCheckpoint(
+            f"`hidden_activation` = {source.hidden_activation!r}: RecurrentGemma also applies it to the RG-LRU gate "
+            "branch, where hybridzoo's RG-LRU uses tanh-approximated GeLU (`gelu_pytorch_tanh`, the released value)."
+        )
     if source.intermediate_size % 2:
         raise UnsupportedCheckpoint(f"`intermediate_size` {source.intermediate_size} is odd; the MLP uses half of it.")
     # transformers multiplies the embeddings by sqrt(hidden) stored as a bfloat16 constant: keep that rounding

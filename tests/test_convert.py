@@ -426,3 +426,18 @@ def test_bf16_checkpoint_keeps_its_bits_and_zero_centred_norms(tmp_path):
     input_ids = torch.randint(3, VOCAB, (1, 8))
     with torch.no_grad():
         assert _relative(model(input_ids).logits.float(), _source_logits(source, input_ids).float()) < 2e-2
+
+
+@pytest.mark.parametrize(
+    "name, field, value, match",
+    [
+        ("qwen3_next", "hidden_act", "gelu", "hidden_act"),
+        ("recurrent_gemma", "hidden_activation", "gelu", "hidden_act"),
+    ],
+)
+def test_activation_the_blocks_hard_code_is_rejected(tmp_path, name, field, value, match):
+    model = random_source(name)
+    setattr(model.config, field, value)
+    model.save_pretrained(tmp_path / "source")
+    with pytest.raises(UnsupportedCheckpoint, match=match):
+        convert_checkpoint(tmp_path / "source", tmp_path / "out", quiet=True)
