@@ -335,6 +335,12 @@ def _copy_tokenizer(folder: Path, out: Path) -> list[str]:
     return copied
 
 
+def _listed(keys: list[str], limit: int = 5) -> str:
+    if not keys:
+        return ""
+    return " (" + ", ".join(f"`{k}`" for k in keys[:limit]) + (", ..." if len(keys) > limit else "") + ")"
+
+
 def _model_card(source_id: str, is_hub: bool, checkpoint_map: CheckpointMap, config: HybridConfig,
                 dropped: list[str], tokenizer: list[str]) -> str:
     from hybridzoo import __version__
@@ -350,7 +356,7 @@ def _model_card(source_id: str, is_hub: bool, checkpoint_map: CheckpointMap, con
              "initialised.", "",
              f"- layers: {blocks}",
              f"- what maps: {checkpoint_map.notes}",
-             f"- source keys dropped: {len(dropped)}" + (f" ({', '.join(sorted(dropped)[:5])}...)" if dropped else ""),
+             f"- source keys dropped: {len(dropped)}" + _listed(sorted(dropped)),
              f"- tokenizer: {'copied from the source' if tokenizer else 'none in the source'}", "",
              "```python", "from transformers import AutoModelForCausalLM",
              "model = AutoModelForCausalLM.from_pretrained(FOLDER_OR_REPO, trust_remote_code=True)"
