@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -44,10 +44,9 @@ class CheckpointMap:
     notes: str  # one line for the README table: what maps, what is rejected and why
     export_config: Callable | None = None  # HybridConfig -> source config keyword arguments (the way back)
     export_class: str | None = None  # transformers config class written by the export
-    drop_on_export: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _rope(source, partial_rotary_ok: bool = True) -> dict:
+def _rope(source) -> dict:
     """The source's RoPE parameters minus multimodal-only entries (text positions are equal on all MRoPE axes)."""
     rope = dict(source.rope_parameters or {})
     rope.pop("mrope_section", None)
