@@ -1,7 +1,8 @@
 """The `hybridzoo` command line: the one list of subcommands, each a thin wrapper over a Python function.
 
-`SUBCOMMANDS` maps each name to the module that declares its options (`add_arguments(parser)`, which also sets
-`handler`, the function run with the parsed arguments) and a one-line help. Only the module of the subcommand being
+`SUBCOMMANDS` maps each name to the module that declares its options (`add_arguments(parser)`, or
+`module:function` when one module declares two commands; it also sets `handler`, the function run with the parsed
+arguments) and a one-line help. Only the module of the subcommand being
 run is imported, so `hybridzoo --help` and `hybridzoo push --help` need neither torch nor transformers.
 `python -m hybridzoo.cli ...` works too (it imports the package normally, so it starts slower).
 """
@@ -21,6 +22,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("hybridzoo.evaluation.harness", "run the retrieval / long-context eval suites on models"),
     "compare": ("hybridzoo.evaluation.compare", "train zoo architectures on one synthetic task, side by side"),
     "push": ("hybridzoo.hub", "upload a saved model or adapter folder to the Hugging Face Hub"),
+    "convert": (
+        "hybridzoo.convert",
+        "convert a transformers checkpoint (Llama, Qwen3-Next, Qwen3.5, RecurrentGemma, xLSTM) to hybridzoo",
+    ),
+    "export": (
+        "hybridzoo.convert:add_export_arguments",
+        "write a hybridzoo model folder as a native transformers checkpoint (llama, qwen3_next)",
+    ),
 }
 
 
@@ -31,7 +40,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            importlib.import_module(module_name).add_arguments(subparser)
+            module_name, _, function_name = module_name.partition(":")
+            getattr(importlib.import_module(module_name), function_name or "add_arguments")(subparser)
     return parser
 
 

@@ -41,9 +41,20 @@ class HybridConfig(PreTrainedConfig):
             `num_hidden_layers` (which must be a multiple of its length). Defaults to `"GGGA"` when neither is given.
         num_attention_heads, num_key_value_heads, head_dim, rope_parameters, attention_bias, attention_dropout:
             softmax attention, as in `LlamaConfig`.
+        rms_norm_zero_centered (`bool`): every RMSNorm of the model except the gated DeltaNet output norm stores
+            `w` and multiplies by `1 + w` (Gemma, RecurrentGemma, Qwen3-Next, Qwen3.5); see `layers.HybridRMSNorm`.
+        rms_norm_bias (`bool`): a learnable bias in the two RMSNorms of every decoder layer (xLSTM's `use_bias`; the
+            final norm has none there either).
+        mlp_bias (`bool`): biases in the MLP's three projections, as in `LlamaConfig` (RecurrentGemma: True).
+        embedding_scale (`float`): token embeddings are multiplied by this before the first layer (1.0: off).
+            Gemma-family models use sqrt(hidden_size); RecurrentGemma stores it rounded to bfloat16, and the converter
+            writes that rounded value.
+        final_logit_softcapping (`float`, *optional*): logits become `cap * tanh(logits / cap)` (RecurrentGemma and
+            xLSTM-7B: 30; None: off).
         sliding_window (`int`, *optional*): window of the `sliding_attention` blocks (required when there are any).
         block fields: every registered block's `config_fields`, listed with their defaults under "Block fields" below
-            (Gated DeltaNet `linear_*`, `lstm_*`, `mlstm_*`, `rglru_*`, `slstm_*`).
+            (attention `attention_output_gate` / `attention_qk_norm` / `attention_out_bias`, Gated DeltaNet
+            `linear_*`, `lstm_*`, `mlstm_*`, `rglru_*`, `slstm_*`).
 
     Example:
         >>> from hybridzoo import HybridConfig, HybridForCausalLM
@@ -82,6 +93,12 @@ class HybridConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
+    # norms, MLP, embeddings and logits (options other checkpoints need; the defaults are Llama's)
+    rms_norm_zero_centered: bool = False
+    rms_norm_bias: bool = False
+    mlp_bias: bool = False
+    embedding_scale: float | int = 1.0
+    final_logit_softcapping: float | int | None = None
 
     def __post_init__(self, **kwargs):
         self._resolve_block_types()
@@ -174,10 +191,25 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError(f"`intermediate_size` must be >= 0 (0 disables the MLP), got {self.intermediate_size}.")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps}.")
+        self._validate_model_options()
         for field in block_fields().values():  # value checks always, so a bad value is refused even when unused
             field.validate(getattr(self, field.name, field.default))
         for block in dict.fromkeys(self.block_classes):  # checks across fields only for the blocks the model has
             block.validate_config(self)
+
+    def _validate_model_options(self) -> None:
+        """The switches other checkpoints need: booleans are booleans, scales are positive and finite."""
+        flags = ["rms_norm_zero_centered", "rms_norm_bias", "mlp_bias"]
+        for name in flags:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        scale = self.embedding_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"`embedding_scale` must be a positive finite number (1.0: off), got {scale!r}.")
+        cap = self.final_logit_softcapping
+        bad_cap = isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")
+        if cap is not None and bad_cap:
+            raise ValueError(f"`final_logit_softcapping` must be a positive number or None (off), got {cap!r}.")
 
 
 RESERVED_FIELD_NAMES.update(HybridConfig.__dataclass_fields__)
