@@ -48,7 +48,8 @@ def compare_config(architecture: str, d_model: int, settings: CompareSettings):
     longest = max(t for t, _ in settings.train_slices + (settings.test_slices or []))
     return zoo_config(architecture, "tiny", vocab_size=settings.vocab_size, hidden_size=d_model, num_hidden_layers=2,
                       block_pattern=two_layer_pattern(architecture), intermediate_size=0,
-                      num_attention_heads=settings.num_heads, num_key_value_heads=settings.num_heads, max_position_embeddings=max(2048, longest))
+                      num_attention_heads=settings.num_heads, num_key_value_heads=settings.num_heads,
+                      max_position_embeddings=max(2048, longest))
 
 
 def _slice_task(settings: CompareSettings, seq_len: int, num_kv_pairs: int):
