@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from hybridzoo.configs.zoo import ARCHITECTURES, two_layer_pattern, zoo_config
+from hybridzoo.data.tasks import TaskMixture, chance_accuracy, make_task
 
 from .harness import make_rows, model_info, write_outputs
 from .metrics import evaluate_task
-from .tasks import TaskMixture, chance_accuracy, make_task
 from .train import train_on_task
 
 

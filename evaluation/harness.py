@@ -22,11 +22,13 @@ import torch
 from tqdm.auto import tqdm
 
 from hybridzoo.configs.zoo import ARCHITECTURES, describe, zoo_config
-from hybridzoo.modeling import CACHE_NAME
+from hybridzoo.data.documents import read_documents, split_documents
+from hybridzoo.data.tasks import MQAR_EXTRAPOLATION_SLICES, MQAR_STANDARD_SLICES, WordVocabulary, make_task
+from hybridzoo.modeling import CACHE_NAME, HybridForCausalLM
+from hybridzoo.recipes.recipe import DataSection
 
 from . import plots
 from .metrics import Accumulator, evaluate_task, loss_by_position, score_batch, wilson_interval
-from .tasks import MQAR_EXTRAPOLATION_SLICES, MQAR_STANDARD_SLICES, WordVocabulary, make_task
 
 SUITES = ("retrieval", "long-context", "all")
 NIAH_TASKS = ("passkey", "niah_single_2", "niah_single_3", "niah_multikey")
@@ -48,8 +50,6 @@ def load_model(spec: str, size: str = "tiny", vocab_size: int | None = None):
         model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=torch.float32)
         label = Path(spec).name
     elif spec in ARCHITECTURES:
-        from hybridzoo.modeling import HybridForCausalLM
-
         overrides = {"vocab_size": vocab_size} if vocab_size else {}
         torch.manual_seed(0)
         model = HybridForCausalLM(zoo_config(spec, size, **overrides))
@@ -214,9 +214,6 @@ def held_out_text_documents(source: str, tokenizer, validation_fraction: float =
     name. The split is the recipes' (every k-th document), so a model trained by a recipe on the same source with the
     same `validation_fraction` never saw these documents.
     """
-    from hybridzoo.recipes.data import read_documents, split_documents
-    from hybridzoo.recipes.recipe import DataSection
-
     if source == "stdlib":
         data = DataSection(source="stdlib")
     elif Path(source).exists():

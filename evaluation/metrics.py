@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tasks import IGNORE
+from hybridzoo.data.tasks import IGNORE
 
 Z_95 = 1.959963984540054  # the 97.5% standard normal quantile
 

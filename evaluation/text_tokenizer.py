@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from .tasks import word_vocabulary
+from hybridzoo.data.tasks import word_vocabulary
 
 
 def task_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

@@ -13,10 +13,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from hybridzoo.data.tasks import IGNORE
 from hybridzoo.modeling import HybridForCausalLM
 
 from .metrics import shifted_logits_and_labels
-from .tasks import IGNORE
 
 
 def cosine_schedule(step: int, steps: int, warmup: int) -> float:

@@ -14,7 +14,7 @@ The token comes from `token=`, else `HF_TOKEN`, else `hf auth login` (huggingfac
 scrubbed from every error message. Each Hub call is retried with exponential backoff on transient failures
 (5xx, 429, dropped connections); the files go up in one commit, which the Hub applies all-or-nothing, so a failed
 push leaves the repo as it was. `HF_ENDPOINT` is read when a push starts (huggingface_hub reads it only at import),
-so a local Hub-compatible server (`hybridzoo.local_hub`) can be targeted from the same process.
+so a local Hub-compatible server (`hybridzoo.testing.local_hub`) can be targeted from the same process.
 """
 
 from __future__ import annotations

@@ -19,14 +19,19 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from hybridzoo.local_hub import validate_card_metadata
-
 PROJECT_URL = "https://github.com/hybridzoo/hybridzoo"
 DEFAULT_LICENSE = "apache-2.0"
 EVAL_RESULTS = "eval/results.jsonl"
 EVAL_KEYS = ("architecture", "task", "length", "depth", "metric", "value")
 # a Hub repo id (owner/name); anything else (a local folder, a bare name) cannot be a card's `base_model`
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# licence ids the real Hub accepts, enough to check a card before upload (the Hub's list is longer)
+KNOWN_LICENSES = {
+    "apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc0-1.0",
+    "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "openrail", "creativeml-openrail-m", "bigscience-openrail-m",
+    "llama2", "llama3", "gemma", "unlicense", "other",
+}
 
 
 class ModelCardError(ValueError):
@@ -35,6 +40,27 @@ class ModelCardError(ValueError):
 
 def is_hub_repo_id(name: str | None) -> bool:
     return bool(name) and REPO_ID_PATTERN.match(name) is not None and not Path(name).exists()
+
+
+def validate_card_metadata(content: str) -> list[str]:
+    """Errors the Hub would report for a README.md's metadata (a subset of its checks), via huggingface_hub's parser."""
+    try:
+        card = ModelCard(content)  # parses YAML and `model-index` exactly as huggingface_hub does
+    except (ValueError, TypeError) as error:
+        return [str(error)]
+    data = card.data.to_dict()
+    errors = []
+    if "license" in data and data["license"] not in KNOWN_LICENSES:
+        errors.append(f'"license" must be one of the Hub\'s licence ids, got {data["license"]!r}')
+    for key in ("tags", "datasets", "metrics", "base_model", "language"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, str) or
+                                      (isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            errors.append(f'"{key}" must be a string or a list of strings')
+    for key in ("library_name", "pipeline_tag"):
+        if key in data and not isinstance(data[key], str):
+            errors.append(f'"{key}" must be a string')
+    return errors
 
 
 def read_json(path: Path) -> dict:

@@ -161,7 +161,7 @@ def publish(settings: QuickstartSettings, model_dir: Path, eval_dir: Path, out: 
     server = None
     endpoint, token = settings.endpoint, os.environ.get("HF_TOKEN", "")
     if not endpoint:
-        from hybridzoo.local_hub import LocalHub
+        from hybridzoo.testing.local_hub import LocalHub
 
         server = LocalHub(out / "hub").start()
         endpoint, token = server.endpoint, token or "quickstart-local-token"

@@ -1,5 +1,8 @@
 """Training data: documents -> tokenizer -> packed rows (or labelled examples, or task batches), cached on disk.
 
+Documents come from `hybridzoo.data.documents` and synthetic tasks from `hybridzoo.data.tasks`, the layer below the
+recipes that the eval harness reads too.
+
 Packing. Documents (each followed by EOS) are laid end to end and cut into rows of `context_length` tokens.
 `position_ids` restart at 0 at every document start, which is all the model needs to keep documents apart: attention
 is masked per document and every recurrent state and short convolution restarts there (see modeling_hybrid.py). The
@@ -14,110 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet", ".py", ".md")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# documents
-
-
-def stdlib_files() -> list[Path]:
-    """The Python standard library's own top-level .py files: real text found on every machine."""
-    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-    if not files:
-        raise FileNotFoundError("No Python standard library sources found; use data.source: files instead.")
-    return files
-
-
-def _read_file(path: Path, text_field: str, label_field: str | None) -> list[tuple[str, Any]]:
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as error:
-            raise ImportError(f"Reading {path} needs pyarrow: pip install pyarrow") from error
-        records = pq.read_table(path).to_pylist()
-    else:
-        return [(path.read_text(errors="replace"), None)]
-    for record in records:
-        if text_field not in record:
-            raise KeyError(f"data.text_field: {path} has no field {text_field!r}; fields are {sorted(record)}.")
-    return [(r[text_field], r.get(label_field) if label_field else None) for r in records]
-
-
-def _expand(paths: list[str]) -> list[Path]:
-    files = []
-    for path in map(Path, paths):
-        files += sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES) if path.is_dir() else [path]
-    return files
-
-
-def _dataset_records(name: str, split: str, text_field: str, label_field: str | None) -> list[tuple[str, Any]]:
-    try:
-        import datasets
-    except ImportError as error:
-        message = "data.source: dataset needs the `datasets` package: pip install 'hybridzoo[train]'"
-        raise ImportError(message) from error
-    saved = Path(name)
-    if saved.is_dir() and any((saved / marker).exists() for marker in ("dataset_dict.json", "state.json")):
-        dataset = datasets.load_from_disk(name)
-        dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
-    else:
-        dataset = datasets.load_dataset(name, split=split)
-    return [(row[text_field], row.get(label_field) if label_field else None) for row in dataset]
-
-
-def shuffled_lines_examples(snippet_lines: int = 12) -> list[tuple[str, int]]:
-    """Built-in classification data: stdlib code snippets, label 1 when their lines were shuffled, else 0."""
-    examples = []
-    rng = random.Random(0)
-    for path in stdlib_files():
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-        for start in range(0, len(lines) - snippet_lines, snippet_lines):
-            snippet = lines[start : start + snippet_lines]
-            label = len(examples) % 2
-            if label:
-                while snippet == lines[start : start + snippet_lines]:
-                    rng.shuffle(snippet)
-            examples.append(("\n".join(snippet), label))
-    return examples
-
-
-def read_documents(data) -> list[tuple[str, Any]]:
-    """(text, label-or-None) per document, in a fixed order, for every source except `task`."""
-    classification = data.source == "stdlib_shuffled_lines"
-    label_field = data.label_field
-    if data.source == "stdlib":
-        documents = [(p.read_text(errors="replace"), None) for p in stdlib_files()]
-    elif classification:
-        documents = shuffled_lines_examples()
-    elif data.source == "files":
-        documents = [doc for path in _expand(data.paths) for doc in _read_file(path, data.text_field, label_field)]
-    else:
-        documents = _dataset_records(data.dataset, data.split, data.text_field, label_field)
-    if data.max_documents:
-        documents = documents[: data.max_documents]
-    return documents
-
-
-def split_documents(documents: list, fraction: float) -> tuple[list, list]:
-    """Every k-th document (file, for the stdlib corpus) is validation, k = round(1 / fraction)."""
-    every = max(2, round(1 / fraction))
-    train = [d for i, d in enumerate(documents) if i % every != every - 1]
-    validation = [d for i, d in enumerate(documents) if i % every == every - 1]
-    if not validation:  # fewer documents than `every`: the last one still validates
-        train, validation = documents[:-1], documents[-1:]
-    return train, validation
-
+from hybridzoo.data.documents import read_documents, split_documents
+from hybridzoo.data.tasks import make_task
 
 # ---------------------------------------------------------------------------------------------------------------------
 # tokenizer
@@ -295,16 +202,6 @@ class PreparedData:
     description: str
 
 
-def make_task(name: str, params: dict):
-    """`hybridzoo.evaluation.tasks.make_task`, imported only when a recipe asks for a task."""
-    try:
-        from hybridzoo.evaluation.tasks import make_task as harness_make_task
-    except ImportError as error:
-        raise ImportError(f"data.task: {name!r} needs hybridzoo.evaluation.tasks (the eval harness), which could not "
-                          f"be imported: {error}") from error
-    return harness_make_task(name, **params)
-
-
 def _task_vocab_size(task, params: dict) -> int:
     for source in (task, getattr(task, "config", None)):
         if source is not None and getattr(source, "vocab_size", None):
@@ -318,7 +215,7 @@ def prepare_data(recipe, log=print) -> PreparedData:
     """Read, tokenize and pack (or load from cache) the recipe's data."""
     data, seed = recipe.data, recipe.train.seed
     if data.source == "task":
-        task = make_task(data.task, data.task_params)
+        task = make_task(data.task, **data.task_params)
         vocab_size = _task_vocab_size(task, data.task_params)
         return PreparedData(TaskData(task, seed), TaskData(task, seed), None, vocab_size, f"task {data.task}")
 

@@ -44,7 +44,7 @@ class DataSection:
     split: str = "train"
     text_field: str = "text"
     label_field: str = "label"  # sequence classification data
-    task: str | None = None  # task: a generator name in hybridzoo.evaluation.tasks (e.g. mqar)
+    task: str | None = None  # task: a generator name in hybridzoo.data.tasks (e.g. mqar)
     task_params: dict = field(default_factory=dict)
     context_length: int = 256
     validation_fraction: float = 0.05  # of documents (files for the stdlib corpus)

@@ -362,7 +362,7 @@ def test_hub_repo_id_source(tmp_path, monkeypatch):
     """SOURCE as a Hub repo id, downloaded through huggingface_hub from the project's local Hub-compatible server."""
     from huggingface_hub import HfApi
 
-    from hybridzoo.local_hub import LocalHub
+    from hybridzoo.testing.local_hub import LocalHub
 
     with LocalHub(tmp_path / "hub") as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)

@@ -48,8 +48,8 @@ def test_text_level_scores_equal_token_level_scores_under_the_task_tokenizer(tmp
     token form, so the text-level answer log-likelihood and exact match must equal those computed from `batch`."""
     import torch
 
+    from hybridzoo.data.tasks import make_task
     from hybridzoo.evaluation.harness import TEXT_TASK_VOCABULARY, score_text_example
-    from hybridzoo.evaluation.tasks import make_task
     from hybridzoo.evaluation.text_tokenizer import task_tokenizer
 
     torch.manual_seed(0)

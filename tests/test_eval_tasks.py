@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridzoo.evaluation.tasks import (
+from hybridzoo.data.tasks import (
     IGNORE,
     TASKS,
     TaskMixture,

@@ -1,6 +1,6 @@
 """Publishing: cards, pushes to a local Hub-compatible server, and loading back where hybridzoo is not installed.
 
-Every request goes to `hybridzoo.local_hub.LocalHub` on 127.0.0.1 (HF_ENDPOINT points at it); nothing leaves the
+Every request goes to `hybridzoo.testing.local_hub.LocalHub` on 127.0.0.1 (HF_ENDPOINT points at it); nothing leaves the
 machine. Loads run in fresh processes with an empty cache and the hybridzoo package blocked from import.
 """
 
@@ -23,8 +23,8 @@ from peft import LoraConfig, get_peft_model
 from hybridzoo import HybridForCausalLM
 from hybridzoo.cli import main as cli_main
 from hybridzoo.hub import HubPushError, push_to_hub
-from hybridzoo.local_hub import LocalHub, validate_card_metadata
-from hybridzoo.model_card import ModelCardError, build_model_card
+from hybridzoo.model_card import ModelCardError, build_model_card, validate_card_metadata
+from hybridzoo.testing.local_hub import LocalHub
 from tiny_models import BLOCK_HYBRIDZOO_IMPORTS, tiny_config
 
 FAKE_TOKEN = "hf_testTOKENdoNotLeak0123456789"

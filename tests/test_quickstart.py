@@ -6,8 +6,9 @@ import json
 
 from huggingface_hub import ModelCard
 
-from hybridzoo.local_hub import RepoStore, validate_card_metadata
+from hybridzoo.model_card import validate_card_metadata
 from hybridzoo.quickstart import QuickstartSettings, matched_mlp_width, run_quickstart
+from hybridzoo.testing.local_hub import RepoStore
 
 
 def test_matched_baseline_has_the_hybrids_parameter_count():

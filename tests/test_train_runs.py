@@ -120,7 +120,6 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_retrieval_task_recipe_trains(tmp_path):
-    pytest.importorskip("hybridzoo.evaluation.tasks", reason="hybridzoo.evaluation.tasks (eval harness) not there yet")
     recipe = yaml.safe_load(Path(__file__).parents[1].joinpath("recipes", "retrieval_mqar.yaml").read_text())
     recipe.update(output_dir=str(tmp_path / "mqar"))
     recipe["model"]["overrides"].update(hidden_size=32)

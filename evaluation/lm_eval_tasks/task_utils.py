@@ -8,7 +8,7 @@ arguments and returns `{"test": datasets.Dataset}` with the text form of the tas
 
 from __future__ import annotations
 
-from hybridzoo.evaluation.tasks import make_task
+from hybridzoo.data.tasks import make_task
 
 
 def _rows(name: str, metadata: dict, with_depth: bool) -> dict:

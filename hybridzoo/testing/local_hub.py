@@ -7,7 +7,7 @@ it and download them again, so uploads can be tested (and demonstrated) without 
         push_to_hub("outputs/my-model", "me/my-model")
         AutoModelForCausalLM.from_pretrained("me/my-model", trust_remote_code=True)
 
-or from a shell: `python -m hybridzoo.local_hub --root /tmp/hub --port 8765`, then `HF_ENDPOINT=http://127.0.0.1:8765`.
+or from a shell: `python -m hybridzoo.testing.local_hub --root /tmp/hub --port 8765`, then `HF_ENDPOINT=http://127.0.0.1:8765`.
 
 Storage, per repo (`ROOT/models/OWNER/NAME/`), works like git's: `blobs/<git-sha1>` hold file contents,
 `commits/<sha>.json` hold a commit (parent, message, and the full file table `{path: {oid, size}}`), and `refs.json`
@@ -35,14 +35,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from hybridzoo.model_card import validate_card_metadata
+
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 LOCAL_USER = "local-user"
-# licence ids the real Hub accepts, enough for metadata validation here (the Hub's list is longer)
-KNOWN_LICENSES = {
-    "apache-2.0", "mit", "bsd-3-clause", "bsd-2-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0", "cc0-1.0",
-    "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "openrail", "creativeml-openrail-m", "bigscience-openrail-m",
-    "llama2", "llama3", "gemma", "unlicense", "other",
-}
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -330,29 +326,6 @@ def _yaml_header(readme: str) -> dict | None:
     except (IndexError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def validate_card_metadata(content: str) -> list[str]:
-    """Errors the Hub would report for a README.md's metadata (a subset of its checks), via huggingface_hub's parser."""
-    from huggingface_hub import ModelCard
-
-    try:
-        card = ModelCard(content)  # parses YAML and `model-index` exactly as huggingface_hub does
-    except (ValueError, TypeError) as error:
-        return [str(error)]
-    data = card.data.to_dict()
-    errors = []
-    if "license" in data and data["license"] not in KNOWN_LICENSES:
-        errors.append(f'"license" must be one of the Hub\'s licence ids, got {data["license"]!r}')
-    for key in ("tags", "datasets", "metrics", "base_model", "language"):
-        value = data.get(key)
-        if value is not None and not (isinstance(value, str) or
-                                      (isinstance(value, list) and all(isinstance(v, str) for v in value))):
-            errors.append(f'"{key}" must be a string or a list of strings')
-    for key in ("library_name", "pipeline_tag"):
-        if key in data and not isinstance(data[key], str):
-            errors.append(f'"{key}" must be a string')
-    return errors
 
 
 def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
