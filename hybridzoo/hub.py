@@ -15,6 +15,9 @@ scrubbed from every error message. Each Hub call is retried with exponential bac
 (5xx, 429, dropped connections); the files go up in one commit, which the Hub applies all-or-nothing, so a failed
 push leaves the repo as it was. `HF_ENDPOINT` is read when a push starts (huggingface_hub reads it only at import),
 so a local Hub-compatible server (`hybridzoo.testing.local_hub`) can be targeted from the same process.
+
+huggingface_hub's client (with its HTTP stack) and the card builder are imported inside the functions that use them,
+not at the top: `hybridzoo push --help` declares its options from this module and must answer at once.
 """
 
 from __future__ import annotations
@@ -27,18 +30,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
-from huggingface_hub.errors import (
-    BadRequestError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import httpx
-
-from hybridzoo.model_card import ModelCardError, build_model_card, is_hub_repo_id
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo, HfApi, ModelCard
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,6 +178,9 @@ def _redacted_logs(redact: _Redactor) -> Iterator[None]:
 
 
 def _is_transient(error: Exception) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx
+
     if isinstance(error, HfHubHTTPError):
         response = getattr(error, "response", None)
         return response is not None and response.status_code in TRANSIENT_STATUS
@@ -191,6 +189,8 @@ def _is_transient(error: Exception) -> bool:
 
 def _explain(error: Exception, step: str, repo_id: str) -> str:
     """What failed and what to do about it, for the errors a push can hit."""
+    from huggingface_hub.errors import BadRequestError, RepositoryNotFoundError, RevisionNotFoundError
+
     status = getattr(getattr(error, "response", None), "status_code", None)
     if isinstance(error, RepositoryNotFoundError) or status in (401, 403):
         return (f"{step} failed: the Hub refused access to {repo_id} ({status or 'not found'}). Check that the "
@@ -248,6 +248,11 @@ def push_to_hub(
     (adapters and fine-tunes); for an adapter it also replaces a local `base_model_name_or_path` in the uploaded
     adapter_config.json. Raises `HubPushError` with what failed and what to do.
     """
+    from huggingface_hub import HfApi, get_token
+
+    from hybridzoo import __version__
+    from hybridzoo.model_card import ModelCardError, build_model_card, is_hub_repo_id
+
     folder = Path(model_dir)
     if not is_hub_repo_id(repo_id):
         raise HubPushError(f"{repo_id!r} is not a Hub repo id: use OWNER/NAME (your user name or an organisation).")
@@ -274,8 +279,6 @@ def push_to_hub(
         raise HubPushError("No Hugging Face token found: set HF_TOKEN, run `hf auth login`, or pass --token.")
     redact = _Redactor(token)
     endpoint = os.environ.get("HF_ENDPOINT") or None  # None: huggingface_hub's default (read at its import)
-    from hybridzoo import __version__
-
     api = HfApi(endpoint=endpoint, token=token, library_name="hybridzoo", library_version=__version__)
     retry = dict(repo_id=repo_id, redact=redact, attempts=result.attempts, max_attempts=max_attempts,
                  backoff_seconds=backoff_seconds)
@@ -290,6 +293,8 @@ def push_to_hub(
 def _upload(api: HfApi, folder: Path, repo_id: str, branch: str, contents: dict[str, Path | bytes], private: bool,
             create_pr: bool, commit_message: str | None, retry: dict) -> CommitInfo:
     """Create the repo (and branch) if needed, then commit every file at once; each step retried on its own."""
+    from huggingface_hub import CommitOperationAdd
+
     _with_retries("creating the repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True), **retry)
     if branch != "main":
         _with_retries(f"creating branch {branch!r}",

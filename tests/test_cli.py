@@ -1,5 +1,6 @@
-"""The command line: one list of subcommands; `--help` (top level and per command) imports no torch, transformers or
-matplotlib; a command that runs still finds the model classes registered."""
+"""The command line: one list of subcommands; `--help` (top level and `push`) imports no torch, transformers,
+matplotlib, peft, nor huggingface_hub's client and HTTP stack; a command that runs still finds the model classes
+registered."""
 
 import json
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 from hybridzoo.cli import SUBCOMMANDS
 
-HEAVY = ("torch", "transformers", "matplotlib", "peft")
+HEAVY = ("torch", "transformers", "matplotlib", "peft", "huggingface_hub.hf_api", "httpx", "yaml")
 
 # the `hybridzoo` console script does `from hybridzoo_cli import main; sys.exit(main())`
 RUN_ENTRY_POINT = textwrap.dedent(
