@@ -139,3 +139,43 @@ def test_imports_run_one_way():
 def test_the_check_sees_upward_imports(module, source, bad):
     """The checker itself, on made-up sources: a function-local or relative import upwards is caught."""
     assert bool(violations(source, module)) is bad
+
+
+def import_circle(graph: dict[str, set[str]]) -> list[str]:
+    """A circle of imports in `graph` (module -> modules it imports), or [] when there is none."""
+    done, on_path = set(), []
+
+    def visit(module: str) -> list[str]:
+        if module in on_path:
+            return on_path[on_path.index(module):] + [module]
+        if module in done:
+            return []
+        on_path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if circle := visit(target):
+                return circle
+        on_path.pop()
+        done.add(module)
+        return []
+
+    for module in sorted(graph):
+        if circle := visit(module):
+            return circle
+    return []
+
+
+def test_no_modules_import_each_other():
+    """Within a layer too, imports form no circle (as `evaluation/harness.py` and `compare.py` once did); the bare
+    package is left out, since every submodule import runs it first anyway."""
+    found = modules()
+    graph = {module: {name for _, name in imported_modules(path.read_text(), module, path.name == "__init__.py")
+                      if name in found and name not in (ROOT_PACKAGE, module)}
+             for module, path in found.items()}
+    assert import_circle(graph) == []
+
+
+def test_the_circle_check_sees_a_circle():
+    graph = {"harness": {"plots", "compare"}, "compare": {"metrics", "harness"}, "metrics": set(), "plots": set()}
+    assert import_circle(graph) == ["compare", "harness", "compare"]
+    graph["harness"].discard("compare")
+    assert import_circle(graph) == []
