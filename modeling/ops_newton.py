@@ -87,13 +87,6 @@ def default_tolerance(dtype: torch.dtype) -> float:
 # Helpers over diagonal (block 1) and 2x2-block (block 2) Jacobians
 
 
-def _matvec(jac: torch.Tensor, state: torch.Tensor, block: int) -> torch.Tensor:
-    """`J h` per channel: an element-wise product, or a 2x2 matrix times a 2-vector."""
-    if block == 1:
-        return jac * state
-    return (jac * state.unsqueeze(-3)).sum(-2)
-
-
 def _transpose(jac: torch.Tensor, block: int) -> torch.Tensor:
     return jac if block == 1 else jac.transpose(-3, -2)
 
@@ -108,11 +101,6 @@ def _identity_like(jac: torch.Tensor, block: int) -> torch.Tensor:
 def _channel_dims(block: int) -> int:
     """Number of trailing dims of a state after [B, T]: `[H]` or `[2, H]`."""
     return block
-
-
-def _shift(states: torch.Tensor, initial_state: torch.Tensor) -> torch.Tensor:
-    """`h_{t-1}` for every t: the initial state, then all states but the last."""
-    return torch.cat([initial_state.unsqueeze(1), states[:, :-1]], dim=1)
 
 
 def _step_masks(
@@ -155,65 +143,109 @@ def _chunk_length(length: int) -> int:
     return int(min(128, max(8, 2 ** round(math.log2(max(length, 1)) / 2))))
 
 
+def _matvec_add_(out: torch.Tensor, jac: torch.Tensor, state: torch.Tensor, block: int) -> torch.Tensor:
+    """`out += J h` in place (`state` broadcasts against `out`)."""
+    if block == 1:
+        return out.addcmul_(jac, state)
+    for i in range(2):
+        out[..., i, :].addcmul_(jac[..., i, 0, :], state[..., 0, :]).addcmul_(jac[..., i, 1, :], state[..., 1, :])
+    return out
+
+
+def _matmul_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, block: int) -> None:
+    """`out = left @ right` per channel (element-wise product for diagonal Jacobians)."""
+    if block == 1:
+        torch.mul(left, right, out=out)
+        return
+    for i in range(2):
+        for k in range(2):
+            torch.mul(left[..., i, 0, :], right[..., 0, k, :], out=out[..., i, k, :])
+            out[..., i, k, :].addcmul_(left[..., i, 1, :], right[..., 1, k, :])
+
+
+def linear_scan_(
+    jac: torch.Tensor,
+    b: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    block: int,
+    chunk: int,
+    reverse: bool = False,
+    products: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place, `b` becomes the states of `h_t = J_t h_{t-1} + b_t` (or, `reverse`, of `h_t = J_t h_{t+1} + b_t`).
+
+    `b` `[B, T, ...]` with T a multiple of `chunk`. Chunked: (1) every chunk from a zero state at once, a loop over
+    the steps of a chunk that also collects the running product of the Jacobians (into `products`, scratch of `jac`'s
+    shape); (2) the states entering each chunk, a loop over chunks; (3) `h += (J ... J) h_entering` at every step, one
+    vectorised pass. Exact: no division or logarithm, so zeros and negative entries in `J` are fine.
+    """
+    batch, length = b.shape[:2]
+    chunks = length // chunk
+    jac_c = jac.view(batch, chunks, chunk, *jac.shape[2:])
+    states = b.view(batch, chunks, chunk, *b.shape[2:])
+    prods = (products if products is not None else torch.empty_like(jac)).view_as(jac_c)
+    order = range(chunk - 1, -1, -1) if reverse else range(chunk)
+    previous = None
+    for t in order:
+        if previous is None:
+            prods[:, :, t].copy_(jac_c[:, :, t])
+        else:
+            _matvec_add_(states[:, :, t], jac_c[:, :, t], states[:, :, previous], block)
+            _matmul_into(prods[:, :, t], jac_c[:, :, t], prods[:, :, previous], block)
+        previous = t
+    last = order[-1]
+    entering = torch.empty_like(states[:, :, 0])  # [B, chunks, ...]
+    h = initial_state if initial_state is not None else torch.zeros_like(entering[:, 0])
+    for k in range(chunks - 1, -1, -1) if reverse else range(chunks):
+        entering[:, k] = h
+        h = _matvec_add_(states[:, k, last].clone(), prods[:, k, last], h, block)
+    _matvec_add_(states, prods, entering.unsqueeze(2), block)
+    return b
+
+
 def linear_scan(
     jac: torch.Tensor,
     b: torch.Tensor,
     initial_state: torch.Tensor | None,
     block: int,
     chunk_size: int | None = None,
+    reverse: bool = False,
 ) -> torch.Tensor:
-    """All states of `h_t = J_t h_{t-1} + b_t` (`J` diagonal or 2x2 blocks, see the module docstring).
-
-    Chunked: split T into chunks of `chunk_size` steps; (1) run every chunk from a zero state at once, a loop over the
-    steps of a chunk, also collecting the product of the Jacobians so far; (2) carry the states across chunk ends, a
-    loop over chunks; (3) add the carried state times the Jacobian products to every step, one vectorised pass.
-    """
+    """All states of `h_t = J_t h_{t-1} + b_t` (out of place, any T; see `linear_scan_`)."""
     batch, length = b.shape[:2]
     chunk = chunk_size or _chunk_length(length)
     pad = (-length) % chunk
-    if pad:  # identity steps at the end change no state
-        jac = torch.cat([jac, _identity_like(jac[:, :1], block).expand(batch, pad, *jac.shape[2:])], dim=1)
+    if pad:  # identity steps at the end (or, reversed, at the end too: they come first and carry a zero state)
+        eye = _identity_like(jac[:, :1], block).expand(batch, pad, *jac.shape[2:])
+        jac = torch.cat([jac, eye], dim=1) if not reverse else torch.cat([jac, torch.zeros_like(eye)], dim=1)
         b = torch.cat([b, b.new_zeros(batch, pad, *b.shape[2:])], dim=1)
-    chunks = b.shape[1] // chunk
-    # time-within-chunk first, so that each step of the loop is one contiguous slice [B, chunks, ...]
-    jac_steps = jac.view(batch, chunks, chunk, *jac.shape[2:]).movedim(2, 0).contiguous()
-    b_steps = b.view(batch, chunks, chunk, *b.shape[2:]).movedim(2, 0).contiguous()
-
-    local = torch.empty_like(b_steps)
-    h = torch.zeros_like(b_steps[0])
-    if block == 1:
-        for t in range(chunk):
-            h = torch.addcmul(b_steps[t], jac_steps[t], h, out=local[t])
-        products = torch.cumprod(jac_steps, dim=0)  # J_t ... J_first of the chunk, exact
     else:
-        products = torch.empty_like(jac_steps)
-        product = _identity_like(jac_steps[0], 2)
-        for t in range(chunk):
-            j = jac_steps[t]
-            h = torch.add(b_steps[t], _matvec(j, h, 2), out=local[t])
-            product = torch.matmul(j.movedim(-1, -3), product.movedim(-1, -3)).movedim(-3, -1)
-            products[t] = product
-
-    # state entering each chunk
-    entering = torch.empty_like(local[0])  # [B, chunks, ...]
-    h = initial_state if initial_state is not None else torch.zeros_like(entering[:, 0])
-    for k in range(chunks):
-        entering[:, k] = h
-        h = local[-1, :, k] + _matvec(products[-1, :, k], h, block)
-    states = local + _matvec(products, entering.unsqueeze(0), block)
-    states = states.movedim(0, 2).reshape(batch, chunks * chunk, *b.shape[2:])
-    return states[:, :length] if pad else states
-
-
-def reverse_linear_scan(jac: torch.Tensor, grad: torch.Tensor, block: int) -> torch.Tensor:
-    """The adjoint recurrence `lambda_t = g_t + J_{t+1}^T lambda_{t+1}` (`lambda_T = g_T`), run backwards in time."""
-    successor = torch.cat([_transpose(jac[:, 1:], block), torch.zeros_like(jac[:, :1])], dim=1)  # J_{t+1}^T
-    flipped = linear_scan(successor.flip(1), grad.flip(1), None, block)
-    return flipped.flip(1)
+        b = b.clone()
+    states = linear_scan_(jac.contiguous(), b, initial_state, block, chunk, reverse)
+    return states[:, :length]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Forward solve
+# Newton solve and its adjoint
+
+
+def _tiles(length: int, chunk: int, step_elements: int) -> list[slice]:
+    """Time tiles (whole chunks) over which the cell is evaluated: ~64k elements each, so that the dozen temporaries
+    of a cell evaluation stay in cache and small enough for the allocator to reuse (fresh multi-MB buffers cost page
+    faults that dwarf the arithmetic)."""
+    steps = max(chunk, (65536 // max(step_elements, 1)) // chunk * chunk)
+    return [slice(start, min(start + steps, length)) for start in range(0, length, steps)]
+
+
+def _previous(states: torch.Tensor, initial_state: torch.Tensor, tile: slice) -> torch.Tensor:
+    """`h_{t-1}` for the steps of `tile`."""
+    if tile.start == 0:
+        return torch.cat([initial_state.unsqueeze(1), states[:, : tile.stop - 1]], dim=1)
+    return states[:, tile.start - 1 : tile.stop - 1]
+
+
+def _sliced(mask: torch.Tensor | None, tile: slice) -> torch.Tensor | None:
+    return mask[:, tile] if mask is not None else None
 
 
 def _sequential_finish(cell, states, start, initial_state, inputs, params, keep, valid) -> None:
@@ -221,81 +253,165 @@ def _sequential_finish(cell, states, start, initial_state, inputs, params, keep,
     h = states[:, start - 1] if start > 0 else initial_state
     for t in range(start, states.shape[1]):
         window = slice(t, t + 1)
-        step_keep = keep[:, window] if keep is not None else None
-        step_valid = valid[:, window] if valid is not None else None
-        new, _ = masked_step(cell, h.unsqueeze(1), inputs[:, window], params, step_keep, step_valid, False)
+        new, _ = masked_step(
+            cell, h.unsqueeze(1), inputs[:, window], params, _sliced(keep, window), _sliced(valid, window), False
+        )
         h = new[:, 0]
         states[:, t] = h
 
 
-def _newton_solve(cell, inputs, params, initial_state, keep, valid, tol, max_iter, stats: NewtonStats):
-    """Newton iterations (no autograd); fills `stats`; returns all states."""
+def _jacobian_shape(cell, state_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return state_shape if cell.block == 1 else (2, 2, state_shape[-1])
+
+
+def _newton_solve(cell, inputs, params, initial_state, keep, valid, tol, max_iter, chunk, stats: NewtonStats):
+    """Newton iterations (no autograd) over padded inputs (T a multiple of `chunk`); fills `stats`.
+
+    Returns the states and, when the last evaluation computed them at the returned states, their Jacobians.
+    """
+    batch, length = inputs.shape[:2]
+    state_shape = tuple(initial_state.shape[1:])
+    block = cell.block
+    reduce_dims = tuple(range(2, 2 + len(state_shape)))
+    states = inputs.new_empty(batch, length, *state_shape)
+    work = torch.empty_like(states)  # b of the next linear solve, then (in place) its solution
+    jac = inputs.new_empty(batch, length, *_jacobian_shape(cell, state_shape))
+    products = torch.empty_like(jac)
+    defect = inputs.new_empty(length)
+    tiles = _tiles(length, chunk, batch * math.prod(state_shape))
+
     # initial guess: one cell step from the zero state at every position (the true initial state at t = 0)
-    guess_prev = initial_state.new_zeros(initial_state.shape[0], inputs.shape[1], *initial_state.shape[1:])
-    guess_prev[:, 0] = initial_state
-    states, _ = masked_step(cell, guess_prev, inputs, params, keep, valid, False)
-    state_dims = cell.block
+    for tile in tiles:
+        zeros = initial_state.new_zeros(batch, tile.stop - tile.start, *state_shape)
+        if tile.start == 0:
+            zeros[:, 0] = initial_state
+        states[:, tile] = masked_step(
+            cell, zeros, inputs[:, tile], params, _sliced(keep, tile), _sliced(valid, tile), False
+        )[0]
     iterations = 0
     while True:
-        h_prev = _shift(states, initial_state)
-        new, jac = masked_step(cell, h_prev, inputs, params, keep, valid, iterations < max_iter)
-        defect = (new - states).abs().amax(dim=(0, *range(2, 2 + state_dims)))  # per time step
+        need_jacobian = iterations < max_iter
+        for tile in tiles:
+            h_prev = _previous(states, initial_state, tile)
+            new, jac_tile = masked_step(
+                cell, h_prev, inputs[:, tile], params, _sliced(keep, tile), _sliced(valid, tile), need_jacobian
+            )
+            torch.amax((new - states[:, tile]).abs_(), dim=(0, *reduce_dims), out=defect[tile])
+            if need_jacobian:
+                jac[:, tile] = jac_tile
+                work[:, tile] = new
+                _matvec_add_(work[:, tile], -jac_tile, h_prev, block)  # b = f - J h_prev
         residual = float(defect.max())
-        if residual <= tol or iterations == max_iter or not math.isfinite(residual):
+        if residual <= tol or not need_jacobian or not math.isfinite(residual):
             break
-        states = linear_scan(jac, new - _matvec(jac, h_prev, cell.block), initial_state, cell.block)
+        linear_scan_(jac, work, initial_state, block, chunk, products=products)
+        states, work = work, states
         iterations += 1
     stats.iterations, stats.residual = iterations, residual
     stats.converged = residual <= tol
     if not stats.converged:
         start = int((~(defect <= tol)).nonzero()[0, 0])  # first step whose defect is too large (or not finite)
-        stats.sequential_steps = inputs.shape[1] - start
+        stats.sequential_steps = length - start
         warnings.warn(
             f"Newton did not converge in {max_iter} iterations (defect {residual:.3g} > tol {tol:.3g}); "
-            f"finishing the last {stats.sequential_steps} of {inputs.shape[1]} steps sequentially",
-            stacklevel=3,
+            f"finishing the last {stats.sequential_steps} of {length} steps sequentially",
+            stacklevel=4,
         )
         _sequential_finish(cell, states, start, initial_state, inputs, params, keep, valid)
-    return states
+    # the last evaluation was at the returned states: its Jacobians are the ones the backward pass needs
+    return states, (jac if stats.converged and need_jacobian else None)
 
 
 class _NewtonRecurrence(torch.autograd.Function):
-    """Forward: Newton solve. Backward: adjoint scan with the converged Jacobians + one vectorised VJP of the cell."""
+    """Forward: Newton solve. Backward: adjoint scan with the converged Jacobians + one vectorised VJP of the cell.
+
+    Works on inputs padded to a multiple of the chunk length (padding = identity steps, zero gradient)."""
 
     @staticmethod
     def forward(ctx, cell, options, stats, keep, valid, inputs, initial_state, *params):
-        tol, max_iter = options
-        states = _newton_solve(cell, inputs, params, initial_state, keep, valid, tol, max_iter, stats)
-        ctx.cell, ctx.keep, ctx.valid = cell, keep, valid
-        ctx.save_for_backward(inputs, initial_state, states, *params)
+        tol, max_iter, chunk = options
+        states, jac = _newton_solve(cell, inputs, params, initial_state, keep, valid, tol, max_iter, chunk, stats)
+        ctx.cell, ctx.keep, ctx.valid, ctx.chunk = cell, keep, valid, chunk
+        ctx.save_for_backward(inputs, initial_state, states, jac, *params)
         return states
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_states):
-        inputs, initial_state, states, *params = ctx.saved_tensors
-        cell = ctx.cell
-        needs = ctx.needs_input_grad[5:]
-        h_prev = _shift(states, initial_state).requires_grad_(needs[1])
-        inputs = inputs.detach().requires_grad_(needs[0])
-        params = tuple(p.detach().requires_grad_(need) for p, need in zip(params, needs[2:], strict=True))
-        with torch.enable_grad():
-            new, jac = masked_step(cell, h_prev, inputs, params, ctx.keep, ctx.valid, True)
-        adjoint = reverse_linear_scan(jac, grad_states, cell.block)
-        wrt = [t for t, need in zip((inputs, h_prev, *params), needs, strict=True) if need]
-        grads = iter(torch.autograd.grad(new, wrt, adjoint, allow_unused=True) if wrt else ())
-        grad_inputs = next(grads) if needs[0] else None
-        grad_initial = next(grads)[:, 0] if needs[1] else None
-        grad_params = [next(grads) if need else None for need in needs[2:]]
+        inputs, initial_state, states, jac_at_solution, *params = ctx.saved_tensors
+        cell, keep, valid, chunk = ctx.cell, ctx.keep, ctx.valid, ctx.chunk
+        need_inputs, need_initial, *need_params = ctx.needs_input_grad[5:]
+        batch, length = states.shape[:2]
+        tiles = _tiles(length, chunk, batch * math.prod(states.shape[2:]))
+
+        # the adjoint recurrence lambda_t = g_t + J_{t+1}^T lambda_{t+1}: the Jacobian of step t + 1, transposed, at t
+        successor = inputs.new_empty(batch, length, *_jacobian_shape(cell, tuple(states.shape[2:])))
+        successor[:, -1] = 0
+        for tile in tiles:
+            if jac_at_solution is not None:
+                jac = jac_at_solution[:, tile]
+            else:  # the sequential fallback changed the states: evaluate the Jacobians there
+                h_prev = _previous(states, initial_state, tile)
+                tile_keep, tile_valid = _sliced(keep, tile), _sliced(valid, tile)
+                _, jac = masked_step(cell, h_prev, inputs[:, tile], params, tile_keep, tile_valid, True)
+            jac = _transpose(jac, cell.block)
+            if tile.start == 0:
+                successor[:, : tile.stop - 1] = jac[:, 1:]
+            else:
+                successor[:, tile.start - 1 : tile.stop - 1] = jac
+        adjoint = linear_scan_(
+            successor,
+            grad_states.contiguous().clone(),
+            None,
+            cell.block,
+            chunk,
+            reverse=True,
+            products=torch.empty_like(successor),
+        )
+        del successor
+
+        # gradients of everything the steps read: one VJP of the cell at the solution, tile by tile
+        grad_inputs = torch.empty_like(inputs) if need_inputs else None
+        grad_initial = None
+        leaf_params = tuple(p.detach().requires_grad_(need) for p, need in zip(params, need_params, strict=True))
+        grad_params = [torch.zeros_like(p) if need else None for p, need in zip(params, need_params, strict=True)]
+        wanted_params = [p for p, need in zip(leaf_params, need_params, strict=True) if need]
+        for tile in tiles:
+            want_initial = need_initial and tile.start == 0
+            h_prev = _previous(states, initial_state, tile).detach().requires_grad_(want_initial)
+            tile_inputs = inputs[:, tile].detach().requires_grad_(need_inputs)
+            wrt = ([tile_inputs] if need_inputs else []) + ([h_prev] if want_initial else []) + wanted_params
+            if not wrt:
+                continue
+            with torch.enable_grad():
+                new, _ = masked_step(
+                    cell, h_prev, tile_inputs, leaf_params, _sliced(keep, tile), _sliced(valid, tile), False
+                )
+                grads = list(torch.autograd.grad(new, wrt, adjoint[:, tile], allow_unused=True))
+            if need_inputs:
+                grad_inputs[:, tile] = grads.pop(0)
+            if want_initial:
+                grad_initial = grads.pop(0)[:, 0]
+            for i, need in enumerate(need_params):
+                if need:
+                    grad = grads.pop(0)
+                    if grad is not None:
+                        grad_params[i] += grad
         return None, None, None, None, None, grad_inputs, grad_initial, *grad_params
 
 
-def _prepare(cell, inputs, initial_state, mask, reset, dtype):
+def _prepare(cell, inputs, initial_state, mask, reset, pad):
+    """Zero initial state if none; masks broadcast against states; `pad` identity steps appended (False in `valid`)."""
     batch, length = inputs.shape[:2]
     if initial_state is None:
         initial_state = inputs.new_zeros(batch, *cell.state_shape(inputs))
-    keep, valid = _step_masks(mask, reset, _channel_dims(cell.block), dtype)
-    return initial_state, keep, valid
+    if pad:
+        mask = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
+        mask = torch.cat([mask, mask.new_zeros(batch, pad)], dim=1)
+        if reset is not None:
+            reset = torch.cat([reset, reset.new_zeros(batch, pad)], dim=1)
+    keep, valid = _step_masks(mask, reset, _channel_dims(cell.block), inputs.dtype)
+    return initial_state.to(inputs.dtype), keep, valid
 
 
 def newton_recurrence(
@@ -308,6 +424,7 @@ def newton_recurrence(
     tol: float | None = None,
     max_iter: int = DEFAULT_MAX_ITER,
     stats: NewtonStats | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, NewtonStats]:
     """All states of `h_t = cell(h_{t-1}, inputs_t)` by Newton's method (see the module docstring).
 
@@ -321,6 +438,7 @@ def newton_recurrence(
         tol: largest acceptable defect `|h_t - f(h_{t-1}, x_t)|` (None: `default_tolerance(dtype)`).
         max_iter: Newton steps before the sequential fallback takes over.
         stats: filled in place if given (else a new one is returned).
+        chunk_size: chunk length of the scan (None: about sqrt(T)).
 
     Returns:
         all states `[B, T, ...]` and the `NewtonStats` of this solve.
@@ -329,9 +447,16 @@ def newton_recurrence(
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     tol = default_tolerance(inputs.dtype) if tol is None else tol
-    initial_state, keep, valid = _prepare(cell, inputs, initial_state, mask, reset, inputs.dtype)
-    states = _NewtonRecurrence.apply(cell, (tol, max_iter), stats, keep, valid, inputs, initial_state, *params)
-    return states, stats
+    length = inputs.shape[1]
+    chunk = chunk_size or _chunk_length(length)
+    pad = (-length) % chunk
+    initial_state, keep, valid = _prepare(cell, inputs, initial_state, mask, reset, pad)
+    if pad:
+        inputs = torch.cat([inputs, inputs.new_zeros(inputs.shape[0], pad, *inputs.shape[2:])], dim=1)
+    states = _NewtonRecurrence.apply(
+        cell, (tol, max_iter, chunk), stats, keep, valid, inputs.contiguous(), initial_state, *params
+    )
+    return states[:, :length], stats
 
 
 def sequential_recurrence(
@@ -343,7 +468,7 @@ def sequential_recurrence(
     reset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """All states of the same masked cell as a time loop under autograd (`unbind`/`stack`, linear in T)."""
-    initial_state, keep, valid = _prepare(cell, inputs, initial_state, mask, reset, inputs.dtype)
+    initial_state, keep, valid = _prepare(cell, inputs, initial_state, mask, reset, 0)
     keeps = keep.unbind(1) if keep is not None else None
     valids = valid.unbind(1) if valid is not None else None
     h, outputs = initial_state, []

@@ -63,7 +63,8 @@ class ParaGRUCell:
 
 
 class ParaLSTMCell:
-    """ParaLSTM: inputs `[..., 3, H]` (f, candidate, o); params `(a, p)`, `a` `[3, H]`, `p` `[2, H]`; state `[..., 2, H]`
+    """ParaLSTM: inputs `[..., 3, H]` (f, candidate, o); params `(a, p)`, `a` `[3, H]`, `p` `[2, H]`;
+    state `[..., 2, H]`
     (`c` then `h`)."""
 
     block = 2
@@ -108,7 +109,9 @@ PARALSTM = ParaLSTMCell()
 
 
 def naive_paragru(inputs: torch.Tensor, a: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: ParaGRU one step at a time, `inputs` `[B, T, 3, H]`, `a` `[3, H]`, `h` `[B, H]`. Returns `[B, T, H]`."""
+    """Reference: ParaGRU one step at a time, `inputs` `[B, T, 3, H]`, `a` `[3, H]`, `h` `[B, H]`.
+
+    Returns `[B, T, H]`."""
     if h is None:
         h = inputs.new_zeros(inputs.shape[0], inputs.shape[-1])
     outputs = []
