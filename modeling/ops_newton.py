@@ -264,11 +264,12 @@ def _jacobian_shape(cell, state_shape: tuple[int, ...]) -> tuple[int, ...]:
     return state_shape if cell.block == 1 else (2, 2, state_shape[-1])
 
 
-def _newton_solve(cell, inputs, params, initial_state, keep, valid, tol, max_iter, chunk, stats: NewtonStats):
+def _newton_solve(cell, inputs, params, initial_state, keep, valid, options, stats: NewtonStats):
     """Newton iterations (no autograd) over padded inputs (T a multiple of `chunk`); fills `stats`.
 
     Returns the states and, when the last evaluation computed them at the returned states, their Jacobians.
     """
+    tol, max_iter, chunk, real_length = options
     batch, length = inputs.shape[:2]
     state_shape = tuple(initial_state.shape[1:])
     block = cell.block
@@ -311,10 +312,10 @@ def _newton_solve(cell, inputs, params, initial_state, keep, valid, tol, max_ite
     stats.converged = residual <= tol
     if not stats.converged:
         start = int((~(defect <= tol)).nonzero()[0, 0])  # first step whose defect is too large (or not finite)
-        stats.sequential_steps = length - start
+        stats.sequential_steps = max(real_length - start, 0)  # identity steps appended for the chunks do not count
         warnings.warn(
             f"Newton did not converge in {max_iter} iterations (defect {residual:.3g} > tol {tol:.3g}); "
-            f"finishing the last {stats.sequential_steps} of {length} steps sequentially",
+            f"finishing the last {stats.sequential_steps} of {real_length} steps sequentially",
             stacklevel=4,
         )
         _sequential_finish(cell, states, start, initial_state, inputs, params, keep, valid)
@@ -329,9 +330,8 @@ class _NewtonRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, options, stats, keep, valid, inputs, initial_state, *params):
-        tol, max_iter, chunk = options
-        states, jac = _newton_solve(cell, inputs, params, initial_state, keep, valid, tol, max_iter, chunk, stats)
-        ctx.cell, ctx.keep, ctx.valid, ctx.chunk = cell, keep, valid, chunk
+        states, jac = _newton_solve(cell, inputs, params, initial_state, keep, valid, options, stats)
+        ctx.cell, ctx.keep, ctx.valid, ctx.chunk = cell, keep, valid, options[2]
         ctx.save_for_backward(inputs, initial_state, states, jac, *params)
         return states
 
@@ -454,7 +454,7 @@ def newton_recurrence(
     if pad:
         inputs = torch.cat([inputs, inputs.new_zeros(inputs.shape[0], pad, *inputs.shape[2:])], dim=1)
     states = _NewtonRecurrence.apply(
-        cell, (tol, max_iter, chunk), stats, keep, valid, inputs.contiguous(), initial_state, *params
+        cell, (tol, max_iter, chunk, length), stats, keep, valid, inputs.contiguous(), initial_state, *params
     )
     return states[:, :length], stats
 

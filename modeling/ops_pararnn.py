@@ -115,10 +115,10 @@ def naive_paragru(inputs: torch.Tensor, a: torch.Tensor, h: torch.Tensor | None 
     if h is None:
         h = inputs.new_zeros(inputs.shape[0], inputs.shape[-1])
     outputs = []
-    for t in range(inputs.shape[1]):
-        z = torch.sigmoid(a[0] * h + inputs[:, t, 0])
-        r = torch.sigmoid(a[1] * h + inputs[:, t, 1])
-        candidate = torch.tanh(a[2] * (r * h) + inputs[:, t, 2])
+    for step in inputs.unbind(1):  # not inputs[:, t]: indexing a long tensor per step makes backward O(T^2)
+        z = torch.sigmoid(a[0] * h + step[:, 0])
+        r = torch.sigmoid(a[1] * h + step[:, 1])
+        candidate = torch.tanh(a[2] * (r * h) + step[:, 2])
         h = (1 - z) * h + z * candidate
         outputs.append(h)
     return torch.stack(outputs, dim=1)
@@ -132,11 +132,11 @@ def naive_paralstm(
         state = inputs.new_zeros(inputs.shape[0], 2, inputs.shape[-1])
     c, h = state[:, 0], state[:, 1]
     outputs = []
-    for t in range(inputs.shape[1]):
-        f = torch.sigmoid(a[0] * h + peephole[0] * c + inputs[:, t, 0])
-        candidate = torch.tanh(a[1] * h + inputs[:, t, 1])
+    for step in inputs.unbind(1):
+        f = torch.sigmoid(a[0] * h + peephole[0] * c + step[:, 0])
+        candidate = torch.tanh(a[1] * h + step[:, 1])
         c = f * c + (1 - f) * candidate
-        o = torch.sigmoid(a[2] * h + peephole[1] * c + inputs[:, t, 2])
+        o = torch.sigmoid(a[2] * h + peephole[1] * c + step[:, 2])
         h = o * torch.tanh(c)
         outputs.append(torch.stack([c, h], dim=1))
     return torch.stack(outputs, dim=1)
