@@ -11,6 +11,7 @@ from .block_attention import HybridAttention, HybridSlidingWindowAttention
 from .block_gated_deltanet import HybridGatedDeltaNet
 from .block_lstm import HybridLSTM
 from .block_mlstm import HybridMLSTM
+from .block_pararnn import HybridParaGRU, HybridParaLSTM
 from .block_rglru import HybridRGLRU
 from .block_slstm import HybridSLSTM
 
@@ -20,6 +21,8 @@ BLOCK_CLASSES = {
     "gated_deltanet": HybridGatedDeltaNet,
     "lstm": HybridLSTM,
     "mlstm": HybridMLSTM,
+    "paragru": HybridParaGRU,
+    "paralstm": HybridParaLSTM,
     "rglru": HybridRGLRU,
     "slstm": HybridSLSTM,
 }

@@ -3,7 +3,7 @@
 Layers are chosen one by one with `block_types` (names from `blocks.BLOCK_CLASSES`), or with the compact
 `block_pattern` shorthand repeated over the depth: `"GGGA"` over 8 layers is 3 Gated DeltaNet layers then 1 attention
 layer, twice (Qwen3-Next's 3:1 layout). Letters: A attention, S sliding-window attention, G gated DeltaNet, L LSTM,
-M mLSTM, X sLSTM, R RG-LRU
+M mLSTM, X sLSTM, R RG-LRU, U ParaGRU, P ParaLSTM
 (see `blocks.BLOCK_LETTERS`). Field names follow transformers (Llama for the shared fields, Qwen3-Next for the
 `linear_*` Gated DeltaNet fields) so peft, accelerate and other tools read the config without help.
 """
@@ -61,6 +61,15 @@ class HybridConfig(PreTrainedConfig):
         slstm_conv_kernel_dim (`int`): width of the causal conv feeding the `slstm` input and forget gates (xLSTM: 4);
             0 turns the conv off.
         slstm_forget_gate (`str`): `"sigmoid"` or `"exp"`, the `slstm` forget gate activation.
+        pararnn_width (`int`, *optional*): cell width of the `paragru` / `paralstm` blocks (defaults to `hidden_size`).
+        pararnn_num_heads (`int`, *optional*): heads of their block-diagonal input weights (defaults to
+            `num_attention_heads`); must divide `pararnn_width`.
+        pararnn_conv_kernel_dim (`int`): width of their causal conv (ParaRNN: 4); 0 turns the conv off.
+        rnn_solver (`str`): how `paragru` / `paralstm` blocks run a multi-token input: `"newton"` (Newton's method
+            over all steps at once, `ops_newton`) or `"sequential"` (a time loop); both give the same states.
+        newton_max_iter (`int`): Newton iterations before the remaining steps are finished sequentially (counted in
+            each block's `newton_totals["fallbacks"]`, with a warning).
+        newton_tol (`float`, *optional*): largest accepted defect `|h_t - f(h_{t-1}, x_t)|` (None: 32 float32 ulps).
 
     Example:
         >>> from hybridzoo import HybridConfig, HybridForCausalLM
@@ -125,6 +134,13 @@ class HybridConfig(PreTrainedConfig):
     slstm_num_heads: int | None = None
     slstm_conv_kernel_dim: int = 4
     slstm_forget_gate: str = "sigmoid"
+    # ParaRNN (paragru, paralstm)
+    pararnn_width: int | None = None
+    pararnn_num_heads: int | None = None
+    pararnn_conv_kernel_dim: int = 4
+    rnn_solver: str = "newton"
+    newton_max_iter: int = 8
+    newton_tol: float | None = None
 
     def __post_init__(self, **kwargs):
         self._resolve_block_types()
@@ -162,6 +178,10 @@ class HybridConfig(PreTrainedConfig):
             self.rglru_num_heads = self.num_attention_heads
         if self.slstm_num_heads is None:
             self.slstm_num_heads = self.num_attention_heads
+        if self.pararnn_width is None:
+            self.pararnn_width = self.hidden_size
+        if self.pararnn_num_heads is None:
+            self.pararnn_num_heads = self.num_attention_heads
         if self.rope_parameters is None:
             kwargs.setdefault("rope_theta", 10000.0)
         super().__post_init__(**kwargs)
@@ -262,6 +282,7 @@ class HybridConfig(PreTrainedConfig):
                 )
         self._validate_mlstm("mlstm" in blocks)
         self._validate_rglru_slstm(blocks)
+        self._validate_pararnn(blocks & {"paragru", "paralstm"})
 
     def _validate_mlstm(self, has_blocks: bool) -> None:
         """mLSTM fields: option values always, the head split only when the model has `mlstm` blocks."""
@@ -317,6 +338,30 @@ class HybridConfig(PreTrainedConfig):
                     f"`{width_name}` ({width}) must be divisible by `{heads_name}` ({heads}): the block-diagonal "
                     "weights split it into equal heads."
                 )
+
+    def _validate_pararnn(self, blocks: set[str]) -> None:
+        """ParaRNN fields: option values always, the widths and the head split only when there are such blocks."""
+        if self.rnn_solver not in ("newton", "sequential"):
+            raise ValueError(f"`rnn_solver` must be 'newton' or 'sequential', got {self.rnn_solver!r}.")
+        if not isinstance(self.newton_max_iter, int) or self.newton_max_iter < 0:
+            raise ValueError(f"`newton_max_iter` must be an integer >= 0, got {self.newton_max_iter!r}.")
+        if self.newton_tol is not None and not self.newton_tol > 0:
+            raise ValueError(f"`newton_tol` must be > 0 or None (32 float32 ulps), got {self.newton_tol!r}.")
+        if not isinstance(self.pararnn_conv_kernel_dim, int) or self.pararnn_conv_kernel_dim < 0:
+            raise ValueError(
+                f"`pararnn_conv_kernel_dim` must be an integer >= 0 (0: no conv), got {self.pararnn_conv_kernel_dim!r}."
+            )
+        if not blocks:
+            return
+        width, heads = self.pararnn_width, self.pararnn_num_heads
+        for name, value in (("pararnn_width", width), ("pararnn_num_heads", heads)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if width % heads != 0:
+            raise ValueError(
+                f"`pararnn_width` ({width}) must be divisible by `pararnn_num_heads` ({heads}): the block-diagonal "
+                "input weights split it into equal heads."
+            )
 
 
 __all__ = ["HybridConfig"]

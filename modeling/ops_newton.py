@@ -316,7 +316,7 @@ def _newton_solve(cell, inputs, params, initial_state, keep, valid, options, sta
         warnings.warn(
             f"Newton did not converge in {max_iter} iterations (defect {residual:.3g} > tol {tol:.3g}); "
             f"finishing the last {stats.sequential_steps} of {real_length} steps sequentially",
-            stacklevel=4,
+            stacklevel=5,  # the caller of newton_recurrence
         )
         _sequential_finish(cell, states, start, initial_state, inputs, params, keep, valid)
     # the last evaluation was at the returned states: its Jacobians are the ones the backward pass needs
