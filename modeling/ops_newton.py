@@ -152,15 +152,19 @@ def _matvec_add_(out: torch.Tensor, jac: torch.Tensor, state: torch.Tensor, bloc
     return out
 
 
+def _step_matvec_add_(out: torch.Tensor, jac: torch.Tensor, state: torch.Tensor, block: int) -> torch.Tensor:
+    """`out += J h` for one step of a scan loop: few, small ops (the loop is bound by per-op overhead)."""
+    if block == 1:
+        return out.addcmul_(jac, state)
+    return out.add_((jac * state.unsqueeze(-3)).sum(-2))
+
+
 def _matmul_into(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, block: int) -> None:
     """`out = left @ right` per channel (element-wise product for diagonal Jacobians)."""
     if block == 1:
         torch.mul(left, right, out=out)
-        return
-    for i in range(2):
-        for k in range(2):
-            torch.mul(left[..., i, 0, :], right[..., 0, k, :], out=out[..., i, k, :])
-            out[..., i, k, :].addcmul_(left[..., i, 1, :], right[..., 1, k, :])
+    else:
+        torch.sum(left.unsqueeze(-2) * right.unsqueeze(-4), dim=-3, out=out)  # [i, j, 1] * [1, j, k], sum over j
 
 
 def linear_scan_(
@@ -190,7 +194,7 @@ def linear_scan_(
         if previous is None:
             prods[:, :, t].copy_(jac_c[:, :, t])
         else:
-            _matvec_add_(states[:, :, t], jac_c[:, :, t], states[:, :, previous], block)
+            _step_matvec_add_(states[:, :, t], jac_c[:, :, t], states[:, :, previous], block)
             _matmul_into(prods[:, :, t], jac_c[:, :, t], prods[:, :, previous], block)
         previous = t
     last = order[-1]
@@ -198,7 +202,7 @@ def linear_scan_(
     h = initial_state if initial_state is not None else torch.zeros_like(entering[:, 0])
     for k in range(chunks - 1, -1, -1) if reverse else range(chunks):
         entering[:, k] = h
-        h = _matvec_add_(states[:, k, last].clone(), prods[:, k, last], h, block)
+        h = _step_matvec_add_(states[:, k, last].clone(), prods[:, k, last], h, block)
     _matvec_add_(states, prods, entering.unsqueeze(2), block)
     return b
 
