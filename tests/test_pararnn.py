@@ -91,3 +91,18 @@ def test_model_solvers_agree_and_train(pattern):
     torch.testing.assert_close(outputs["newton"][0], outputs["sequential"][0], atol=1e-5, rtol=1e-4)
     for a, b in zip(outputs["newton"][1], outputs["sequential"][1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("pattern", ["U", "P"])
+def test_model_keeps_pararnn_initialisation(pattern):
+    torch.manual_seed(0)
+    config = tiny_config(pattern * 2, pararnn_width=64, pararnn_num_heads=2)
+    model = HybridForCausalLM(config)
+    for layer in model.model.layers:
+        block = layer.mixer
+        torch.testing.assert_close(block.gate_bias[0], -torch.linspace(0.0, 1.0, 64))
+        assert torch.count_nonzero(block.gate_bias[1:]) == 0
+        expected_std = 2.0 / (5 * 64) ** 0.5  # not transformers' generic normal(0, initializer_range = 0.02)
+        assert abs(block.recurrent_weight.std().item() - expected_std) < 0.25 * expected_std
+        bound = (6.0 / 64) ** 0.5  # uniform(+-sqrt(6 / (d + d))), head dim d = 32
+        assert block.gate_weight.abs().max() <= bound and block.gate_weight.std() > 0.8 * bound / 3**0.5
