@@ -69,7 +69,19 @@ CHANGED = {
     "rnn_solver": "sequential",  # same states to the Newton tolerance, different rounding (see tests/test_pararnn.py)
     "newton_max_iter": 0,  # every solve finishes sequentially (rounding differs; the fallback is counted)
     "newton_tol": 0.5,  # accepts a far-off first guess
+    "attention_output_gate": True,
+    "attention_qk_norm": True,
+    "attention_out_bias": True,
+    "rms_norm_zero_centered": True,
+    "rms_norm_bias": True,
+    "mlp_bias": True,
+    "embedding_scale": 2.0,
+    "final_logit_softcapping": 0.5,
+    "mlstm_eps": 1.0,
+    "mlstm_use_bias": True,
 }
+# fields that change how the same stored weights are read: compared with the base model's weights loaded into both
+SAME_WEIGHTS = {"rms_norm_zero_centered"}
 
 
 def _own_fields() -> list[str]:
@@ -123,6 +135,14 @@ def test_field_changes_the_model(field):
         rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
         base, changed = {"rope_parameters": dict(rope)}, {"rope_parameters": dict(rope), field: CHANGED[field]}
     train = field == "attention_dropout"  # dropout acts in training mode only
+    if field in SAME_WEIGHTS:
+        torch.manual_seed(0)
+        base_model, changed_model = HybridForCausalLM(_config(**base)), HybridForCausalLM(_config(**changed))
+        changed_model.load_state_dict(base_model.state_dict())
+        input_ids = torch.randint(8, 64, (2, LONG), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert not torch.equal(base_model(input_ids).logits, changed_model(input_ids).logits), field
+        return
     assert _differs(_observe(_config(**base), train), _observe(_config(**changed), train)), field
 
 
