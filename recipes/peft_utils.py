@@ -26,13 +26,7 @@ BLOCK_LORA_TARGETS: dict[str, list[str]] = {
     "attention": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj"],
     "sliding_attention": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj"],
     "gated_deltanet": [
-        "mixer.q_proj",
-        "mixer.k_proj",
-        "mixer.v_proj",
-        "mixer.z_proj",
-        "mixer.b_proj",
-        "mixer.a_proj",
-        "mixer.o_proj",
+        "mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.z_proj", "mixer.b_proj", "mixer.a_proj", "mixer.o_proj"
     ],
     "lstm": ["mixer.lstm", "mixer.o_proj"],
     "mlstm": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.ogate_proj", "mixer.o_proj"],
@@ -47,9 +41,8 @@ MLP_LORA_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 class LoraLSTM(nn.Module, LoraLayer):
     """LoRA on a single-layer `nn.LSTM`: `[W_ih | W_hh] + B @ A * scaling`, one adapter matrix pair per adapter name."""
 
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1, **kwargs
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
+                 lora_alpha: int = 1, **kwargs) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         lstm = self.get_base_layer()
@@ -145,17 +138,13 @@ def default_lora_targets(model: nn.Module, include_mlp: bool = True) -> list[str
         for suffix in suffixes:
             name = f"{prefix}.{index}.{suffix}"
             if name not in module_names:
-                raise ValueError(
-                    f"LoRA default target {suffix!r} for block type {block_type!r} does not exist in "
-                    f"layer {index}; update BLOCK_LORA_TARGETS in hybridzoo/recipes/peft_utils.py."
-                )
+                raise ValueError(f"LoRA default target {suffix!r} for block type {block_type!r} does not exist in "
+                                 f"layer {index}; update BLOCK_LORA_TARGETS in hybridzoo/recipes/peft_utils.py.")
             targets.append(name)
     if unknown:
         hints = "; ".join(f"{bt}: {', '.join('mixer.' + n for n in names)}" for bt, names in unknown.items())
-        raise ValueError(
-            f"No default LoRA targets for block type(s) {sorted(unknown)}. Pass `peft.target_modules` "
-            f"explicitly (module name suffixes), e.g. from these linear layers: {hints}."
-        )
+        raise ValueError(f"No default LoRA targets for block type(s) {sorted(unknown)}. Pass `peft.target_modules` "
+                         f"explicitly (module name suffixes), e.g. from these linear layers: {hints}.")
     return targets
 
 
@@ -170,24 +159,15 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | None, include_
         matched = [n for n in names if n == target or n.endswith("." + target) or pattern.fullmatch(n)]
         if not matched:
             examples = sorted({re.sub(r"^.*?layers\.\d+\.", "", n) for n in names if ".layers." in n})[:20]
-            raise ValueError(
-                f"peft.target_modules: {target!r} matches no module of this model, so LoRA would be a "
-                f"silent no-op. Use name suffixes such as: {', '.join(examples)}."
-            )
+            raise ValueError(f"peft.target_modules: {target!r} matches no module of this model, so LoRA would be a "
+                             f"silent no-op. Use name suffixes such as: {', '.join(examples)}.")
         resolved += [n for n in matched if n not in resolved]
     return resolved
 
 
-def lora_config(
-    model: nn.Module,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.0,
-    target_modules: list[str] | None = None,
-    include_mlp: bool = True,
-    modules_to_save: list[str] | None = None,
-    task_type: str | None = "CAUSAL_LM",
-) -> LoraConfig:
+def lora_config(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+                target_modules: list[str] | None = None, include_mlp: bool = True,
+                modules_to_save: list[str] | None = None, task_type: str | None = "CAUSAL_LM") -> LoraConfig:
     """A `LoraConfig` whose targets cover every block of `model` (defaults from `BLOCK_LORA_TARGETS`)."""
     config = LoraConfig(
         r=r,

@@ -106,3 +106,18 @@ def test_model_keeps_pararnn_initialisation(pattern):
         assert abs(block.recurrent_weight.std().item() - expected_std) < 0.25 * expected_std
         bound = (6.0 / 64) ** 0.5  # uniform(+-sqrt(6 / (d + d))), head dim d = 32
         assert block.gate_weight.abs().max() <= bound and block.gate_weight.std() > 0.8 * bound / 3**0.5
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"rnn_solver": "jacobi"}, "rnn_solver"),
+        ({"newton_max_iter": -1}, "newton_max_iter"),
+        ({"newton_tol": 0.0}, "newton_tol"),
+        ({"pararnn_conv_kernel_dim": -1}, "pararnn_conv_kernel_dim"),
+        ({"pararnn_width": 30, "pararnn_num_heads": 4}, "pararnn_width"),
+    ],
+)
+def test_bad_fields_are_rejected_by_name(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config("UP", **overrides)
