@@ -29,6 +29,16 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .block_base import (
+    BlockField,
+    HybridBlock,
+    is_int,
+    is_int_or_none,
+    is_positive_number,
+    one_of,
+    require_divisible,
+    require_positive_ints,
+)
 from .layers import HybridRMSNormGated, init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_newton import NewtonStats, newton_recurrence, sequential_recurrence
@@ -37,11 +47,69 @@ from .ops_pararnn import PARAGRU, PARALSTM
 RNN_SOLVERS = ("newton", "sequential")
 
 
-class _ParaRNNBlock(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
-    is_recurrent = True
+# shared by both blocks (the same objects, so the registry sees one field each)
+PARARNN_FIELDS = (
+    BlockField(
+        "pararnn_width",
+        None,
+        "cell width of the `paragru` / `paralstm` blocks (default: `hidden_size`)",
+        is_int_or_none,
+        "must be an integer or None",
+        default_from="hidden_size",
+    ),
+    BlockField(
+        "pararnn_num_heads",
+        None,
+        "heads of their block-diagonal input weights, dividing `pararnn_width` (default: `num_attention_heads`)",
+        is_int_or_none,
+        "must be an integer or None",
+        default_from="num_attention_heads",
+    ),
+    BlockField(
+        "pararnn_conv_kernel_dim",
+        4,
+        "width of their causal conv (ParaRNN: 4); 0 turns it off",
+        lambda value: is_int(value) and value >= 0,
+        "must be an integer >= 0 (0: no conv)",
+    ),
+    BlockField(
+        "rnn_solver",
+        "newton",
+        "how they run a multi-token input: 'newton' (Newton's method over all steps, "
+        "`ops_newton`) or 'sequential' (a time loop); both give the same states",
+        one_of(*RNN_SOLVERS),
+        "must be 'newton' or 'sequential'",
+    ),
+    BlockField(
+        "newton_max_iter",
+        8,
+        "Newton iterations before the remaining steps are finished sequentially "
+        "(counted in each block's `newton_totals['fallbacks']`, with a warning)",
+        lambda value: is_int(value) and value >= 0,
+        "must be an integer >= 0",
+    ),
+    BlockField(
+        "newton_tol",
+        None,
+        "largest accepted defect |h_t - f(h_{t-1}, x_t)| (None: 32 float32 ulps)",
+        lambda value: value is None or is_positive_number(value),
+        "must be > 0 or None (32 float32 ulps)",
+    ),
+)
+
+
+class _ParaRNNBlock(HybridBlock):
     cell = None  # set by the subclasses
     num_peepholes = 0
+    config_fields = PARARNN_FIELDS
+    lora_targets = ("in_proj", "out_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive_ints(config, ["pararnn_width", "pararnn_num_heads"], cls.block_type)
+        require_divisible(
+            config, "pararnn_width", "pararnn_num_heads", "the block-diagonal input weights split it into equal heads"
+        )
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()
@@ -182,6 +250,7 @@ class _ParaRNNBlock(nn.Module):
 class HybridParaGRU(_ParaRNNBlock):
     """ParaGRU block: GRU with diagonal recurrent weights (diagonal Jacobian)."""
 
+    block_type = "paragru"
     pattern_letter = "U"
     cell = PARAGRU
 
@@ -189,6 +258,7 @@ class HybridParaGRU(_ParaRNNBlock):
 class HybridParaLSTM(_ParaRNNBlock):
     """ParaLSTM block: CIFG LSTM with diagonal recurrence and peepholes (2x2 block-diagonal Jacobian over [c, h])."""
 
+    block_type = "paralstm"
     pattern_letter = "P"
     cell = PARALSTM
     num_peepholes = 2
