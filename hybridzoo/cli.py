@@ -13,6 +13,7 @@ SUBCOMMAND_MODULES = [
     "hybridzoo.quickstart",
     "hybridzoo.configs.zoo",
     "hybridzoo.recipes.cli",
+    "hybridzoo.recipes.cli_distill",
     "hybridzoo.hub",
     "hybridzoo.evaluation.harness",
 ]
