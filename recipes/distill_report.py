@@ -204,7 +204,7 @@ def report_markdown(recipe: Recipe, report: dict, folders: dict[str, Path]) -> s
         lines += [f"Measured on {host['cores']} CPU cores ({host['cpu']}, torch {host['torch']}, "
                   f"{host['torch_threads']} threads); wall time {seconds}; load average (1, 5, 15 min) at the start "
                   f"{_load(timing['load_before'])}, at the end {_load(report['load_average_end'])}.", ""]
-    lines += ["![distillation](eval/distillation.png)", ""]
+    lines += ["![distillation](distillation.png)", ""]
     return "\n".join(lines)
 
 
