@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -447,6 +448,35 @@ def combined_metrics(stages: list[tuple[str, Path]], output_dir: Path) -> list[d
 # the whole run
 
 
+class Laps:
+    """Wall-clock and CPU seconds (this process, all threads) per part of the run. On a shared machine the wall time
+    grows with the load; CPU seconds / cores is roughly what the run would take alone."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.began = self._now()
+        self.start()
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), usage.ru_utime + usage.ru_stime
+
+    def start(self) -> None:
+        self.mark = self._now()
+
+    def stop(self, name: str) -> None:
+        wall, cpu = self._now()
+        self.wall[name], self.cpu[name] = wall - self.mark[0], cpu - self.mark[1]
+
+    def as_dict(self) -> dict:
+        now = self._now()
+        totals = {"seconds": now[0] - self.began[0], "cpu_seconds": now[1] - self.began[1]}
+        return {kind: {**{k: round(v, 1) for k, v in laps.items()}, "total": round(totals[kind], 1)}
+                for kind, laps in (("seconds", self.wall), ("cpu_seconds", self.cpu))}
+
+
 def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
             resume: bool = False) -> dict:
     """Run a `kind: distill` recipe: student, stage 1, (selection), stage 2, scratch baseline, report."""
@@ -463,8 +493,7 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
     tmp = output_dir / ".recipe.yaml.tmp"
     tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     os.replace(tmp, output_dir / "recipe.yaml")
-    started, load_before = time.perf_counter(), os.getloadavg()
-    seconds: dict[str, float] = {}
+    laps, load_before = Laps(), os.getloadavg()
 
     teacher_dir = Path(recipe.model.from_pretrained)
     tokenizer_path = recipe.tokenizer.path or str(teacher_dir)
@@ -485,7 +514,7 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
           flush=True)
 
     # the stage-1 model: the candidates replaced, everything from the teacher
-    clock = time.perf_counter()
+    laps.start()
     init_dir = runs / "student-init"
     if not (resume and (init_dir / "config.json").exists()):
         student, mapping = build_student(teacher, candidates, spec.conv_init, seed)
@@ -501,10 +530,10 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
         aligned_dir = align_dir
     else:
         aligned_dir = init_dir
-    seconds["align"] = time.perf_counter() - clock
+    laps.stop("align")
 
     # selection and the student after stage 1
-    clock = time.perf_counter()
+    laps.start()
     aligned = HybridForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32).eval()
     selection = None
     if replaced is None:
@@ -515,20 +544,20 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
     student = assemble_student(teacher, aligned, replaced, spec.conv_init, seed)
     if not (resume and (stage1_dir / "config.json").exists()):
         save_model_atomically(student, tokenizer, stage1_dir)
-    seconds["select"] = time.perf_counter() - clock
+    laps.stop("select")
 
     # stage 2: logit distillation
-    clock = time.perf_counter()
+    laps.start()
     kl_dir = runs / "stage2-kl"
     t = recipe.train
     stage = stage_recipe(recipe, kl_dir, stage1_dir, tokenizer_path, t.max_steps, t.lr, t.warmup_steps,
                          "distill stage 2: logit distillation from the teacher", peft=True)
     kl_summary = run_stage(stage, resume, LogitDistillationLoss(teacher, spec.temperature, spec.ce_weight,
                                                                 tuple(spec.freeze)))
-    seconds["kl"] = time.perf_counter() - clock
+    laps.stop("kl")
 
     # the same hybrid from scratch on as many tokens
-    clock = time.perf_counter()
+    laps.start()
     scratch_dir = None
     if spec.scratch:
         scratch_init = runs / "scratch-init"
@@ -540,7 +569,7 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
         stage = stage_recipe(recipe, scratch_dir, scratch_init, tokenizer_path, steps, spec.scratch_lr,
                              min(t.warmup_steps, steps - 1), "the distilled student's architecture from scratch")
         run_stage(stage, resume)
-    seconds["scratch"] = time.perf_counter() - clock
+    laps.stop("scratch")
 
     # the final student in the output folder
     for name in [*COPIED_FILES, *(p.name for p in kl_dir.glob("*.py")), *(p.name for p in kl_dir.glob("tokenizer*")),
@@ -564,7 +593,7 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
     if spec.report:
         from hybridzoo.recipes.distill_report import write_report
 
-        clock = time.perf_counter()
+        laps.start()
         stage1, stage2, scratch = ("student after stage 1 (align)", "student after stage 2 (kl)",
                                    "same hybrid from scratch")
         folders = {"teacher": teacher_dir, "student (weight transfer only)": init_dir if spec.select is None else None,
@@ -574,10 +603,9 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
         tokens = {k: v * t.micro_batch_size * t.grad_accum * recipe.data.context_length for k, v in steps.items()}
         summary["report"] = write_report(recipe, teacher, {k: v for k, v in folders.items() if v is not None},
                                          tokens, output_dir, selection=selection,
-                                         timing={"seconds": seconds, "load_before": load_before})
-        seconds["report"] = time.perf_counter() - clock
-    summary["seconds"] = {**{k: round(v, 1) for k, v in seconds.items()},
-                          "total": round(time.perf_counter() - started, 1)}
+                                         timing={**laps.as_dict(), "load_before": load_before})
+        laps.stop("report")
+    summary.update(laps.as_dict())
     summary["load_average"] = {"start": load_before, "end": os.getloadavg()}
     write_json_atomically(output_dir / "summary.json", summary)
     print(f"saved: {output_dir} (student, recipe.yaml, metrics.jsonl, loss_curve.png, eval/, runs/)", flush=True)

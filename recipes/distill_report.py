@@ -200,10 +200,12 @@ def report_markdown(recipe: Recipe, report: dict, folders: dict[str, Path]) -> s
         lines.append("")
     timing, host = report.get("timing") or {}, report["machine"]
     if timing:
-        seconds = ", ".join(f"{k} {v:.0f} s" for k, v in timing["seconds"].items())
+        wall = ", ".join(f"{k} {v:.0f} s" for k, v in timing["seconds"].items())
+        cpu = ", ".join(f"{k} {v:.0f} s" for k, v in timing["cpu_seconds"].items())
         lines += [f"Measured on {host['cores']} CPU cores ({host['cpu']}, torch {host['torch']}, "
-                  f"{host['torch_threads']} threads); wall time {seconds}; load average (1, 5, 15 min) at the start "
-                  f"{_load(timing['load_before'])}, at the end {_load(report['load_average_end'])}.", ""]
+                  f"{host['torch_threads']} threads), before the report: wall time {wall}; CPU time (all threads) "
+                  f"{cpu}; load average (1, 5, 15 min) at the start {_load(timing['load_before'])}, at the end "
+                  f"{_load(report['load_average_end'])} (a shared machine: wall time grows with the load).", ""]
     lines += ["![distillation](distillation.png)", ""]
     return "\n".join(lines)
 
