@@ -274,7 +274,7 @@ class AlignmentLoss:
     def setup(self, model, accelerator) -> None:
         if accelerator.num_processes > 1:
             raise RecipeError("distill: the alignment stage calls the mixers directly, outside the DDP wrapper, so it "
-                              "runs in one process; set distill.align_steps: 0 to skip it under accelerate launch.")
+                              "runs in one process.")
         self.teacher.to(accelerator.device)
         model.requires_grad_(False)
         for i in self.layers:
@@ -486,6 +486,9 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
     if recipe.kind != "distill":
         raise RecipeError("kind: `hybridzoo distill` runs recipes with `kind: distill` (see "
                           "recipes/distill_stdlib.yaml); train other recipes with `hybridzoo train`.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RecipeError("hybridzoo distill runs in one process (the alignment stage calls the new mixers outside a "
+                          "DDP wrapper); start it without accelerate launch.")
     spec, seed = recipe.distill, recipe.train.seed
     output_dir = Path(recipe.output_dir)
     runs = output_dir / RUNS
@@ -566,8 +569,9 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
             save_model_atomically(HybridForCausalLM(student.config), tokenizer, scratch_init)
         scratch_dir = runs / "scratch"
         steps = spec.align_steps + t.max_steps
+        # warm-up: a tenth of the steps, the quickstart's rule for pretraining from scratch
         stage = stage_recipe(recipe, scratch_dir, scratch_init, tokenizer_path, steps, spec.scratch_lr,
-                             min(t.warmup_steps, steps - 1), "the distilled student's architecture from scratch")
+                             max(1, steps // 10), "the distilled student's architecture from scratch")
         run_stage(stage, resume)
     laps.stop("scratch")
 

@@ -118,7 +118,7 @@ class DistillSection:
     freeze: list = field(default_factory=list)  # stage 2 (full, not LoRA): embeddings, mlp, norms, attention
     # the same hybrid trained from scratch on as many tokens as both stages together (the report's baseline)
     scratch: bool = True
-    scratch_lr: float = 3.0e-3
+    scratch_lr: float = 3.0e-3  # warm-up: a tenth of its steps
     # the report
     report: bool = True
     eval_rows: int = 256  # held-out rows for the losses (at most; all of them when fewer)
