@@ -242,11 +242,12 @@ def test_killed_distillation_resumes_to_the_same_weights(tmp_path, teacher_dir):
     assert [r["step"] for r in records] == list(range(1, 19)) and {r["stage"] for r in records} == {"align", "kl"}
 
 
-def test_selection_by_kl_keeps_the_costliest_layers(tmp_path, teacher_dir):
+def test_selection_by_kl_keeps_the_costliest_layers_then_lora(tmp_path, teacher_dir):
     recipe = distill_recipe(tmp_path / "auto", teacher_dir, teacher_dir.parent / "cache", student_pattern=None,
                             select="kl", keep_attention=1, select_batches=1)
     recipe["train"].update(max_steps=2, warmup_steps=1)
     recipe["checkpoint"] = {"every": 0}
+    recipe["peft"] = {"enabled": True, "r": 4, "alpha": 8}
     summary = distill(recipe)
     selection = json.loads((tmp_path / "auto" / "selection.json").read_text())
     kl = {int(k): v for k, v in selection["kl_per_layer"].items()}
@@ -254,6 +255,14 @@ def test_selection_by_kl_keeps_the_costliest_layers(tmp_path, teacher_dir):
     assert summary["replaced_layers"] == sorted(set(kl) - set(selection["kept_attention"]))
     config = json.loads((tmp_path / "auto" / "config.json").read_text())
     assert [b == "attention" for b in config["block_types"]] == [i in selection["kept_attention"] for i in range(4)]
+    # stage 2 as LoRA: the adapter is kept, the merged student differs from the stage-1 one only where LoRA adapts
+    assert (tmp_path / "auto" / "adapter" / "adapter_model.safetensors").exists()
+    before = load_file(tmp_path / "auto" / "runs" / "student-stage1" / "model.safetensors")
+    after = load_file(tmp_path / "auto" / "model.safetensors")
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    replaced = summary["replaced_layers"][0]
+    assert f"model.layers.{replaced}.mixer.z_proj.weight" in changed and "model.embed_tokens.weight" not in changed
+    assert all(name.endswith(("proj.weight", "lstm.weight_ih_l0")) for name in changed), changed
 
 
 RELOAD = BLOCK_HYBRIDZOO_IMPORTS + textwrap.dedent(
