@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "hybridzoo.recipes.cli",
     "hybridzoo.recipes.cli_distill",
     "hybridzoo.hub",
+    "hybridzoo.convert",
     "hybridzoo.evaluation.harness",
 ]
 

@@ -28,19 +28,45 @@ def init_short_conv_(conv: nn.Conv1d) -> None:
 
 
 class HybridRMSNorm(nn.Module):
-    """RMSNorm as in Llama: `weight * x / rms(x)`, computed in float32."""
+    """RMSNorm computed in float32, in one of two stored forms.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    * default (Llama): `weight * x / rms(x)`, the product taken in the input dtype, weight initialised to 1;
+    * `zero_centered=True` (Gemma, RecurrentGemma, Qwen3-Next, Qwen3.5): `(1 + weight) * x / rms(x)`, the product
+      taken in float32 and then cast, weight initialised to 0. Keeping the stored `w` instead of converting it to
+      `1 + w` is what makes bf16 checkpoints load losslessly: near 1 bf16 keeps steps of 2^-7, so `1 + w` would round
+      away most of a small `w`.
+
+    `bias=True` adds a learnable bias after the weight (xLSTM's `use_bias`).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, zero_centered: bool = False, bias: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if zero_centered else torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
         self.variance_epsilon = eps
+
+    @torch.no_grad()
+    def init_custom_parameters(self) -> None:
+        # transformers' generic init sets every `*RMSNorm` weight to 1, which is wrong for the zero-centred form
+        if self.zero_centered:
+            init.zeros_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states.to(torch.float32)  # float32 even for float64 inputs, as transformers' norms
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        if self.zero_centered:
+            hidden_states = (hidden_states * (1.0 + self.weight.float())).to(input_dtype)
+        else:
+            hidden_states = self.weight * hidden_states.to(input_dtype)
+        return hidden_states if self.bias is None else hidden_states + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, zero_centered={self.zero_centered}"
 
 
 class HybridRMSNormGated(nn.Module):
@@ -60,13 +86,17 @@ class HybridRMSNormGated(nn.Module):
 
 
 class HybridMLP(nn.Module):
-    """The gated MLP after every mixer (SwiGLU with the default `hidden_act="silu"`), Llama's parameter names."""
+    """The gated MLP after every mixer (SwiGLU with the default `hidden_act="silu"`), Llama's parameter names.
+
+    `config.mlp_bias` adds biases to the three projections (Llama's `mlp_bias`, RecurrentGemma, xLSTM `use_bias`).
+    """
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -74,7 +104,11 @@ class HybridMLP(nn.Module):
 
 
 class HybridRotaryEmbedding(nn.Module):
-    """RoPE cos/sin tables from `config.rope_parameters` (any rope type transformers knows)."""
+    """RoPE cos/sin tables from `config.rope_parameters` (any rope type transformers knows).
+
+    With `partial_rotary_factor` < 1 the tables cover only the first `int(head_dim * factor)` channels of each head
+    (Qwen3-Next: 0.25); the rest pass through unrotated (`apply_rotary_pos_emb`).
+    """
 
     inv_freq: torch.Tensor
 
@@ -94,7 +128,7 @@ class HybridRotaryEmbedding(nn.Module):
     @staticmethod
     def compute_default_rope_parameters(config, **kwargs) -> tuple[torch.Tensor, float]:
         base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
@@ -116,6 +150,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate `q`, `k` `[B, H, T, D]` by the `[B, T, D]` tables."""
+    """Rotate `q`, `k` `[B, H, T, D]` by the `[B, T, R]` tables: the first R <= D channels (partial rotary)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == q.shape[-1]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_rot = q_rot * cos + rotate_half(q_rot) * sin
+    k_rot = k_rot * cos + rotate_half(k_rot) * sin
+    return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)
