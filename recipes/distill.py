@@ -1,10 +1,10 @@
 """Turn a pretrained transformer into a hybrid: `hybridzoo distill RECIPE [key=value ...] [--resume]`.
 
 The recipe's `model.from_pretrained` is the teacher, any causal LM hybridzoo loads (a hybridzoo model, e.g. the
-stdlib-pretrained `transformer`, or a `LlamaForCausalLM` folder). The student has the teacher's depth; the chosen
-attention layers become Gated DeltaNet layers, everything else is copied. Then, each stage a run of the recipes' one
-training loop (recipes/trainer.py) with its own objective, so checkpoints, `--resume`, progress bars, metrics.jsonl
-and loss plots come from there:
+stdlib-pretrained `transformer`, or a checkpoint `hybridzoo convert` reads, such as a `LlamaForCausalLM` folder).
+The student has the teacher's depth; the chosen attention layers become Gated DeltaNet layers, everything else is
+copied. Then, each stage a run of the recipes' one training loop (recipes/trainer.py) with its own objective, so
+checkpoints, `--resume`, progress bars, metrics.jsonl and loss plots come from there:
 
 1. align  (`AlignmentLoss`): every new mixer sees the teacher's own input to that layer and learns to reproduce the
    teacher attention's output (MSE, normalised per layer by the target's mean square); only new mixers train.
@@ -63,48 +63,18 @@ COPIED_FILES = ("config.json", "generation_config.json", "model.safetensors")
 # the teacher
 
 
-def llama_to_hybrid_config(config: dict) -> HybridConfig:
-    """The all-attention `HybridConfig` of a `LlamaForCausalLM` config.json (same math, see test_llama_equivalence)."""
-    rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise ValueError("model.from_pretrained: Llama teachers with attention or MLP biases are not supported (the "
-                         "Gated DeltaNet projections have no bias to take them).")
-    fields = dict(
-        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-        head_dim=config.get("head_dim"), hidden_act=config.get("hidden_act", "silu"),
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6), rope_parameters=rope,
-        tie_word_embeddings=config.get("tie_word_embeddings", False), pad_token_id=config.get("pad_token_id"),
-        bos_token_id=config.get("bos_token_id"), eos_token_id=config.get("eos_token_id"), block_pattern="A",
-    )
-    return HybridConfig(**{k: v for k, v in fields.items() if v is not None or k.endswith("token_id")})
-
-
-def llama_to_hybrid_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Llama's parameter names -> hybridzoo's (`self_attn` -> `mixer`, `post_attention_layernorm` -> ...)."""
-    renames = {".self_attn.": ".mixer.", ".post_attention_layernorm.": ".post_mixer_layernorm."}
-    converted = {}
-    for key, value in state_dict.items():
-        for old, new in renames.items():
-            key = key.replace(old, new)
-        converted[key] = value
-    return converted
-
-
 def load_teacher(path: str | Path) -> HybridForCausalLM:
-    """A hybridzoo model folder, or a `LlamaForCausalLM` folder (safetensors) mapped onto an all-attention hybrid.
+    """A hybridzoo model folder, or a transformers checkpoint `hybridzoo convert` knows (Llama, Qwen3-Next, ...)
+    converted in memory by its checks (an unknown or missing tensor stops with the list; safetensors only)."""
+    from transformers import AutoConfig
 
-    Llama weights load strictly: a missing or unexpected tensor stops with the list (nothing is left at random).
-    """
+    from hybridzoo.convert import convert_state_dict
+
     folder = Path(path)
     config = json.loads((folder / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type == HybridConfig.model_type:
+    if config.get("model_type") == HybridConfig.model_type:
         teacher = HybridForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    elif model_type == "llama":
+    else:
         weights = sorted(folder.glob("*.safetensors"))
         if not weights:
             raise ValueError(f"model.from_pretrained: {folder} has no *.safetensors weights (pickle files are never "
@@ -112,20 +82,10 @@ def load_teacher(path: str | Path) -> HybridForCausalLM:
         state_dict = {}
         for file in weights:
             state_dict.update(load_file(file))
-        hybrid_config = llama_to_hybrid_config(config)
+        hybrid_config, converted = convert_state_dict(AutoConfig.from_pretrained(folder), state_dict)
         teacher = HybridForCausalLM(hybrid_config)
-        state_dict = llama_to_hybrid_state_dict(state_dict)
-        if hybrid_config.tie_word_embeddings:
-            state_dict.setdefault("lm_head.weight", state_dict["model.embed_tokens.weight"])
-        expected = set(teacher.state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ValueError(f"model.from_pretrained: the Llama checkpoint {folder} does not match its config: "
-                             f"missing {missing}, unexpected {unexpected}.")
-        teacher.load_state_dict({k: v.float() for k, v in state_dict.items()})
-    else:
-        raise ValueError(f"model.from_pretrained: {folder} is a {model_type!r} model; distillation reads hybridzoo "
-                         "models and LlamaForCausalLM folders (convert other checkpoints with `hybridzoo convert`).")
+        tied = hybrid_config.tie_word_embeddings  # the converter leaves out a tied lm_head
+        teacher.load_state_dict({k: v.float() for k, v in converted.items()}, strict=not tied)
     teacher.eval().requires_grad_(False)
     return teacher
 
@@ -201,13 +161,17 @@ def transfer_weights(teacher: HybridForCausalLM, student: HybridForCausalLM, rep
             continue
         prefix, leaf = name.rsplit(".mixer.", 1)
         attention = f"{prefix}.mixer."
-        if leaf in ("q_proj.weight", "o_proj.weight"):
-            tensor.copy_(source[attention + leaf])
-            mapping[name] = attention + leaf
-        elif leaf in ("k_proj.weight", "v_proj.weight"):
-            tensor.copy_(expand_kv_heads(source[attention + leaf], config.num_key_value_heads,
-                                         config.num_attention_heads))
-            mapping[name] = f"expand_kv_heads({attention + leaf})"
+        if leaf in ("q_proj.weight", "o_proj.weight", "k_proj.weight", "v_proj.weight"):
+            value = source[attention + leaf]
+            if leaf in ("k_proj.weight", "v_proj.weight"):
+                value = expand_kv_heads(value, config.num_key_value_heads, config.num_attention_heads)
+            if value.shape != tensor.shape:
+                raise ValueError(f"distill: {name} {list(tensor.shape)} cannot take the teacher's {attention + leaf} "
+                                 f"{list(value.shape)}; this attention layout (e.g. a gated query) is not one the "
+                                 "weight transfer maps yet.")
+            tensor.copy_(value)
+            mapping[name] = attention + leaf if leaf in ("q_proj.weight", "o_proj.weight") else \
+                f"expand_kv_heads({attention + leaf})"
         elif leaf == "conv1d.weight" and conv_init == "identity":
             tensor.zero_()
             tensor[:, :, -1] = 1.0  # the causal conv's newest tap: the current token passes through unchanged
