@@ -637,7 +637,7 @@ def plot_stages(records: list[dict], scratch: list[dict], png_path: Path) -> Non
         right.plot(*zip(*kl, strict=True), color="tab:gray", alpha=0.5, label="stage 2 KL (train)")
     right.set_xlabel("tokens")
     right.set_ylabel("nats/token")
-    right.set_title("held-out loss: distilled student vs the same hybrid from scratch")
+    right.set_title("held-out loss: student vs the same hybrid from scratch")
     right.legend()
     figure.tight_layout()
     tmp = png_path.with_name(".tmp-" + png_path.name)
