@@ -52,7 +52,7 @@ RUN_FILES = ("config.json", "generation_config.json", "recipe.yaml", "metrics.js
              "model.safetensors.index.json", "adapter_config.json")
 EVAL_FILES = ("results.jsonl", "results.md", "distillation.md", "distillation.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-LOCAL_ONLY_FOLDERS = ("checkpoints", "tensorboard", ".cache", ".git")
+LOCAL_ONLY_FOLDERS = ("checkpoints", "tensorboard", ".cache", ".git", "runs")  # runs/: distill stages
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 
