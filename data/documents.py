@@ -2,8 +2,7 @@
 
 The one reader of text data: the recipes tokenize and pack what it returns (recipes/data.py) and the eval harness
 scores held-out documents of the same split (`split_documents`), so a model never sees its validation documents.
-`read_documents` takes a recipe's `data` section (any object with its fields: source, paths, dataset, split,
-text_field, label_field, max_documents).
+`read_documents` takes the fields of a recipe's `data` section that name documents, as keyword arguments.
 """
 
 from __future__ import annotations
@@ -84,20 +83,24 @@ def shuffled_lines_examples(snippet_lines: int = 12) -> list[tuple[str, int]]:
     return examples
 
 
-def read_documents(data) -> list[tuple[str, Any]]:
-    """(text, label-or-None) per document, in a fixed order, for every source except `task`."""
-    classification = data.source == "stdlib_shuffled_lines"
-    label_field = data.label_field
-    if data.source == "stdlib":
+def read_documents(source: str, *, paths: list[str] = (), dataset: str | None = None, split: str = "train",
+                   text_field: str = "text", label_field: str | None = None,
+                   max_documents: int | None = None) -> list[tuple[str, Any]]:
+    """(text, label-or-None) per document, in a fixed order. `source`: stdlib | files (`paths`) | dataset (`dataset`,
+    `split`) | stdlib_shuffled_lines; the other arguments are the recipe's `data.*` fields of the same names."""
+    if source == "stdlib":
         documents = [(p.read_text(errors="replace"), None) for p in stdlib_files()]
-    elif classification:
+    elif source == "stdlib_shuffled_lines":
         documents = shuffled_lines_examples()
-    elif data.source == "files":
-        documents = [doc for path in _expand(data.paths) for doc in _read_file(path, data.text_field, label_field)]
+    elif source == "files":
+        documents = [doc for path in _expand(paths) for doc in _read_file(path, text_field, label_field)]
+    elif source == "dataset":
+        documents = _dataset_records(dataset, split, text_field, label_field)
     else:
-        documents = _dataset_records(data.dataset, data.split, data.text_field, label_field)
-    if data.max_documents:
-        documents = documents[: data.max_documents]
+        raise ValueError(f"data.source: {source!r} is not a document source (stdlib, files, dataset, "
+                         "stdlib_shuffled_lines)")
+    if max_documents:
+        documents = documents[:max_documents]
     return documents
 
 

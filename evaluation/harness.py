@@ -25,7 +25,6 @@ from hybridzoo.configs.zoo import ARCHITECTURES, describe, zoo_config
 from hybridzoo.data.documents import read_documents, split_documents
 from hybridzoo.data.tasks import MQAR_EXTRAPOLATION_SLICES, MQAR_STANDARD_SLICES, WordVocabulary, make_task
 from hybridzoo.modeling import CACHE_NAME, HybridForCausalLM
-from hybridzoo.recipes.recipe import DataSection
 
 from . import plots
 from .metrics import Accumulator, evaluate_task, loss_by_position, score_batch, wilson_interval
@@ -215,12 +214,12 @@ def held_out_text_documents(source: str, tokenizer, validation_fraction: float =
     same `validation_fraction` never saw these documents.
     """
     if source == "stdlib":
-        data = DataSection(source="stdlib")
+        documents = read_documents("stdlib")
     elif Path(source).exists():
-        data = DataSection(source="files", paths=[source])
+        documents = read_documents("files", paths=[source])
     else:
-        data = DataSection(source="dataset", dataset=source)
-    _, validation = split_documents(read_documents(data), validation_fraction)
+        documents = read_documents("dataset", dataset=source)
+    _, validation = split_documents(documents, validation_fraction)
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in validation]
 
 

@@ -200,6 +200,14 @@ def _recipe_section(recipe: dict, folder: Path) -> list[str]:
     return lines
 
 
+def _distillation_section(folder: Path) -> list[str]:
+    """The report `hybridzoo distill` writes (`eval/distillation.md`); its plot is shown with the eval plots."""
+    path = folder / "eval" / "distillation.md"
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if not line.startswith("![")] + [""]
+
+
 def _eval_section(summary: list[dict], folder: Path) -> list[str]:
     if not summary:
         return []
@@ -354,6 +362,7 @@ def build_model_card(
         body += _architecture_section(folder, weights)
         body += _usage_section(repo_id, pipeline_tag)
     body += _recipe_section(recipe, folder)
+    body += _distillation_section(folder)
     body += _eval_section(summary, folder)
     body += ["## Limitations", "", *(f"- {item}" for item in LIMITATIONS), ""]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body))

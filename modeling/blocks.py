@@ -43,6 +43,7 @@ from .block_base import BlockField, HybridBlock
 from .block_gated_deltanet import HybridGatedDeltaNet
 from .block_lstm import HybridLSTM
 from .block_mlstm import HybridMLSTM
+from .block_pararnn import HybridParaGRU, HybridParaLSTM
 from .block_rglru import HybridRGLRU
 from .block_slstm import HybridSLSTM
 from .blocks_external import EXTERNAL_BLOCKS
@@ -54,6 +55,8 @@ BUILTIN_BLOCKS = [
     HybridGatedDeltaNet,
     HybridLSTM,
     HybridMLSTM,
+    HybridParaGRU,
+    HybridParaLSTM,
     HybridRGLRU,
     HybridSLSTM,
 ]

@@ -219,7 +219,9 @@ def prepare_data(recipe, log=print) -> PreparedData:
         vocab_size = _task_vocab_size(task, data.task_params)
         return PreparedData(TaskData(task, seed), TaskData(task, seed), None, vocab_size, f"task {data.task}")
 
-    documents = read_documents(data)
+    documents = read_documents(data.source, paths=data.paths, dataset=data.dataset, split=data.split,
+                               text_field=data.text_field, label_field=data.label_field,
+                               max_documents=data.max_documents)
     if len(documents) < 2:
         raise ValueError("data: found fewer than 2 documents; add files or raise data.max_documents.")
     train_docs, validation_docs = split_documents(documents, data.validation_fraction)

@@ -1,7 +1,10 @@
 """Dependencies between the packages run one way, read from every import statement (function-local ones included):
 
-    modeling <- configs <- data (tasks, documents) <- recipes <- evaluation <- hybridzoo glue (CLI, hub, convert,
+    modeling <- configs <- data (tasks, documents) <- evaluation <- recipes <- hybridzoo glue (CLI, hub, convert,
     model card) <- hybridzoo.testing (the local Hub server) <- quickstart and the `hybridzoo_cli` entry point
+
+Evaluation scores models and recipes make them: a recipe may score what it trains (the distillation report runs the
+eval harness), the harness never trains through a recipe.
 
 A module may import its own layer and the ones below it, never one above. `modeling/` imports nothing of hybridzoo at
 all (it is the remote code shipped with every saved model). The bare package (`import hybridzoo`, `from hybridzoo
@@ -21,13 +24,20 @@ LAYERS = [
     ("modeling", ["hybridzoo.modeling"]),
     ("configs", ["hybridzoo.configs"]),
     ("data", ["hybridzoo.data"]),
-    ("recipes", ["hybridzoo.recipes"]),
     ("evaluation", ["hybridzoo.evaluation"]),
+    ("recipes", ["hybridzoo.recipes"]),
     ("glue", ["hybridzoo.cli", "hybridzoo.hub", "hybridzoo.convert", "hybridzoo.model_card"]),
     ("testing", ["hybridzoo.testing"]),
     ("top", ["hybridzoo.quickstart", "hybridzoo_cli"]),
 ]
 ROOT_PACKAGE = "hybridzoo"
+# (importer, imported) pairs still going upwards, each with what removes it; the test fails once one is gone, so the
+# list only shrinks
+KNOWN_UPWARD = {
+    ("hybridzoo.recipes.distill", "hybridzoo.convert"):
+        "distill converts a transformers teacher in memory with convert_state_dict; the in-memory conversion (plan "
+        "and apply a CheckpointMap) belongs in configs/ next to checkpoint_maps.py, the file streaming in convert.py",
+}
 RANK = {prefix: rank for rank, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes}
 
 
@@ -104,7 +114,7 @@ def violations(source: str, module: str, is_package: bool = False) -> list[str]:
         target = layer_of(name)
         if own == RANK["hybridzoo.modeling"] and not name.startswith("hybridzoo.modeling"):
             problems.append(f"{module}:{line} imports {name}: modeling/ must depend only on torch + transformers")
-        elif target is not None and own is not None and target > own:
+        elif target is not None and own is not None and target > own and (module, name) not in KNOWN_UPWARD:
             problems.append(f"{module}:{line} imports {name}, a layer above it ({LAYERS[target][0]} > "
                             f"{LAYERS[own][0]})")
     return problems
@@ -123,11 +133,20 @@ def test_imports_run_one_way():
     assert problems == [], "\n".join(problems)
 
 
+def test_known_upward_imports_are_still_there():
+    found = modules()
+    for module, target in KNOWN_UPWARD:
+        imported = {name for _, name in imported_modules(found[module].read_text(), module, False)}
+        assert target in imported, f"{module} no longer imports {target}: remove it from KNOWN_UPWARD"
+
+
 @pytest.mark.parametrize(
     ("module", "source", "bad"),
     [
-        ("hybridzoo.recipes.data", "def f():\n    from hybridzoo.evaluation.tasks import make_task\n", True),
+        ("hybridzoo.data.tasks", "def f():\n    from hybridzoo.recipes.data import prepare_data\n", True),
         ("hybridzoo.evaluation.harness", "from ..data.tasks import make_task\n", False),
+        ("hybridzoo.evaluation.compare", "from hybridzoo.recipes.trainer import train\n", True),
+        ("hybridzoo.recipes.trainer", "from hybridzoo.convert import convert_state_dict\n", True),
         ("hybridzoo.evaluation.harness", "from .. import hub\n", True),
         ("hybridzoo.model_card", "from hybridzoo.testing.local_hub import LocalHub\n", True),
         ("hybridzoo.quickstart", "from hybridzoo.testing.local_hub import LocalHub\n", False),

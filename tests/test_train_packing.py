@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hybridzoo import HybridForCausalLM
-from hybridzoo.recipes.data import TensorData, pack_documents, split_documents
+from hybridzoo.data.documents import split_documents
+from hybridzoo.recipes.data import TensorData, pack_documents
 from tiny_models import MIXED_PATTERNS, PAD, SINGLE_BLOCK_PATTERNS, tiny_config
 
 EOS = 2
