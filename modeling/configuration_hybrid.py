@@ -69,7 +69,7 @@ class HybridConfig(PreTrainedConfig):
     """
 
     model_type = "hybridzoo"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the cache's name since / before transformers 5.24
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),

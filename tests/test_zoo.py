@@ -6,6 +6,7 @@ import torch
 from hybridzoo import HybridForCausalLM
 from hybridzoo.cli import main
 from hybridzoo.configs.zoo import ARCHITECTURES, SIZES, describe, zoo_config
+from hybridzoo.modeling import CACHE_NAME
 
 EXPECTED_MILLIONS = {"small": (15, 35), "base": (95, 180), "large": (700, 1500)}
 
@@ -39,7 +40,7 @@ def test_state_and_kv_formulas_match_the_cache_after_prefill(name):
     model = HybridForCausalLM(config).eval()
     length = 96  # longer than the tiny sliding window, to see it capped
     with torch.no_grad():
-        cache = model(torch.randint(0, config.vocab_size, (1, length)), use_cache=True).past_key_values
+        cache = getattr(model(torch.randint(0, config.vocab_size, (1, length)), use_cache=True), CACHE_NAME)
     info = describe(config, dtype_bytes=4)
     measured = cache.state_bytes()
     assert measured["recurrent"] == info["recurrent_state_bytes"]
