@@ -10,6 +10,7 @@ from __future__ import annotations
 from .block_attention import HybridAttention, HybridSlidingWindowAttention
 from .block_gated_deltanet import HybridGatedDeltaNet
 from .block_lstm import HybridLSTM
+from .block_mamba2 import HybridMamba2
 from .block_mlstm import HybridMLSTM
 from .block_rglru import HybridRGLRU
 from .block_slstm import HybridSLSTM
@@ -19,6 +20,7 @@ BLOCK_CLASSES = {
     "sliding_attention": HybridSlidingWindowAttention,
     "gated_deltanet": HybridGatedDeltaNet,
     "lstm": HybridLSTM,
+    "mamba2": HybridMamba2,
     "mlstm": HybridMLSTM,
     "rglru": HybridRGLRU,
     "slstm": HybridSLSTM,

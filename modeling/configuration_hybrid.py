@@ -3,7 +3,7 @@
 Layers are chosen one by one with `block_types` (names from `blocks.BLOCK_CLASSES`), or with the compact
 `block_pattern` shorthand repeated over the depth: `"GGGA"` over 8 layers is 3 Gated DeltaNet layers then 1 attention
 layer, twice (Qwen3-Next's 3:1 layout). Letters: A attention, S sliding-window attention, G gated DeltaNet, L LSTM,
-M mLSTM, X sLSTM, R RG-LRU
+M mLSTM, X sLSTM, R RG-LRU, D Mamba-2 (SSD: state-space duality; NemotronH writes Mamba as M, taken here by the mLSTM)
 (see `blocks.BLOCK_LETTERS`). Field names follow transformers (Llama for the shared fields, Qwen3-Next for the
 `linear_*` Gated DeltaNet fields) so peft, accelerate and other tools read the config without help.
 """
@@ -61,6 +61,19 @@ class HybridConfig(PreTrainedConfig):
         slstm_conv_kernel_dim (`int`): width of the causal conv feeding the `slstm` input and forget gates (xLSTM: 4);
             0 turns the conv off.
         slstm_forget_gate (`str`): `"sigmoid"` or `"exp"`, the `slstm` forget gate activation.
+        mamba_num_heads (`int`, *optional*): heads of the `mamba2` blocks (defaults to `2 * hidden_size //
+            mamba_head_dim`, Mamba-2's expand factor 2); the inner width is `mamba_num_heads * mamba_head_dim`.
+        mamba_head_dim (`int`): head dim P of the `mamba2` blocks (Mamba-2: 64).
+        mamba_n_groups (`int`): groups of heads sharing B and C (head h reads group h // (heads / groups)); must divide
+            `mamba_num_heads`.
+        mamba_d_state (`int`): state size N per head (Mamba-2: 128).
+        mamba_conv_kernel (`int`): width of the causal depthwise conv over x, B, C (Mamba-2: 4), >= 1.
+        mamba_conv_bias, mamba_proj_bias (`bool`): biases of the conv (Mamba-2: yes) and of in_proj / out_proj (no).
+        mamba_chunk_size (`int`, *optional*): chunk length of the chunked SSD scan (None: 64 on CPU, 256 on GPU).
+        mamba_dt_min, mamba_dt_max, mamba_dt_init_floor (`float`): initialisation range of the step dt (log-uniform,
+            floored), as Mamba-2's `time_step_min/max/floor`.
+        mamba_dt_min_limit, mamba_dt_max_limit (`float`, *optional*): dt is clamped to these after the softplus
+            (Mamba-2's `time_step_limit`; defaults 0 and None, i.e. no upper limit).
 
     Example:
         >>> from hybridzoo import HybridConfig, HybridForCausalLM
@@ -125,6 +138,20 @@ class HybridConfig(PreTrainedConfig):
     slstm_num_heads: int | None = None
     slstm_conv_kernel_dim: int = 4
     slstm_forget_gate: str = "sigmoid"
+    # Mamba-2
+    mamba_num_heads: int | None = None
+    mamba_head_dim: int = 64
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 128
+    mamba_conv_kernel: int = 4
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    mamba_chunk_size: int | None = None
+    mamba_dt_min: float = 0.001
+    mamba_dt_max: float = 0.1
+    mamba_dt_init_floor: float = 1e-4
+    mamba_dt_min_limit: float | int = 0.0
+    mamba_dt_max_limit: float | int | None = None
 
     def __post_init__(self, **kwargs):
         self._resolve_block_types()
@@ -162,6 +189,8 @@ class HybridConfig(PreTrainedConfig):
             self.rglru_num_heads = self.num_attention_heads
         if self.slstm_num_heads is None:
             self.slstm_num_heads = self.num_attention_heads
+        if self.mamba_num_heads is None and isinstance(self.mamba_head_dim, int) and self.mamba_head_dim > 0:
+            self.mamba_num_heads = max(1, 2 * self.hidden_size // self.mamba_head_dim)
         if self.rope_parameters is None:
             kwargs.setdefault("rope_theta", 10000.0)
         super().__post_init__(**kwargs)
@@ -257,6 +286,7 @@ class HybridConfig(PreTrainedConfig):
                 )
         self._validate_mlstm("mlstm" in blocks)
         self._validate_rglru_slstm(blocks)
+        self._validate_mamba2("mamba2" in blocks)
 
     def _validate_mlstm(self, has_blocks: bool) -> None:
         """mLSTM fields: option values always, the head split only when the model has `mlstm` blocks."""
@@ -312,6 +342,39 @@ class HybridConfig(PreTrainedConfig):
                     f"`{width_name}` ({width}) must be divisible by `{heads_name}` ({heads}): the block-diagonal "
                     "weights split it into equal heads."
                 )
+
+    def _validate_mamba2(self, has_blocks: bool) -> None:
+        """Mamba-2 fields: sizes, the group split and the dt range."""
+        for name in ["mamba_head_dim", "mamba_n_groups", "mamba_d_state", "mamba_conv_kernel"]:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        chunk = self.mamba_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or chunk <= 0):
+            raise ValueError(f"`mamba_chunk_size` must be a positive integer or None (automatic), got {chunk!r}.")
+        if not 0 < self.mamba_dt_min <= self.mamba_dt_max:
+            raise ValueError(
+                f"`mamba_dt_min` ({self.mamba_dt_min}) and `mamba_dt_max` ({self.mamba_dt_max}) must satisfy "
+                "0 < mamba_dt_min <= mamba_dt_max (the initial range of the step dt)."
+            )
+        if self.mamba_dt_init_floor < 0:
+            raise ValueError(f"`mamba_dt_init_floor` must be >= 0, got {self.mamba_dt_init_floor}.")
+        upper = self.mamba_dt_max_limit
+        if self.mamba_dt_min_limit < 0 or (upper is not None and upper <= self.mamba_dt_min_limit):
+            raise ValueError(
+                f"dt limits must satisfy 0 <= `mamba_dt_min_limit` < `mamba_dt_max_limit` (None: no upper limit), "
+                f"got {self.mamba_dt_min_limit} and {upper}."
+            )
+        if not has_blocks:
+            return
+        heads = self.mamba_num_heads
+        if not isinstance(heads, int) or heads <= 0:
+            raise ValueError(f"`mamba_num_heads` must be a positive integer for mamba2 blocks, got {heads!r}.")
+        if heads % self.mamba_n_groups != 0:
+            raise ValueError(
+                f"`mamba_num_heads` ({heads}) must be a multiple of `mamba_n_groups` ({self.mamba_n_groups}): "
+                "each group of B and C serves a whole number of heads."
+            )
 
 
 __all__ = ["HybridConfig"]

@@ -29,6 +29,7 @@ BLOCK_LORA_TARGETS: dict[str, list[str]] = {
         "mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.z_proj", "mixer.b_proj", "mixer.a_proj", "mixer.o_proj"
     ],
     "lstm": ["mixer.lstm", "mixer.o_proj"],
+    "mamba2": ["mixer.in_proj", "mixer.out_proj"],
     "mlstm": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.ogate_proj", "mixer.o_proj"],
     "rglru": ["mixer.linear_x", "mixer.linear_y", "mixer.out_proj"],
     "slstm": ["mixer.if_proj", "mixer.zo_proj", "mixer.out_proj"],
