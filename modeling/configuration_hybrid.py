@@ -263,8 +263,13 @@ class HybridConfig(PreTrainedConfig):
                     f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
                     f"`num_key_value_heads` ({self.num_key_value_heads}): each KV head serves a whole group."
                 )
-            if self.head_dim % 2 != 0:
-                raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+            factor = self.rope_parameters.get("partial_rotary_factor", 1.0)
+            if not 0 < factor <= 1 or int(self.head_dim * factor) % 2 != 0 or int(self.head_dim * factor) == 0:
+                raise ValueError(
+                    f"`partial_rotary_factor` ({factor}) must be in (0, 1] and rotate an even, non-zero number of "
+                    f"the `head_dim` ({self.head_dim}) channels: int(head_dim * factor) = "
+                    f"{int(self.head_dim * factor)}."
+                )
         if "sliding_attention" in blocks and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(
                 f"`sliding_window` must be a positive integer when `block_types` has sliding_attention blocks, "

@@ -73,3 +73,27 @@ def test_cli_lists_the_zoo_and_shows_a_config(capsys):
     main(["zoo", "show", "lstm-attention", "--size", "tiny"])
     shown = capsys.readouterr().out
     assert '"block_types"' in shown and '"lstm"' in shown
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_every_size_has_the_sources_layout(name, size):
+    """Count the layers: the pattern repeated whole (xLSTM[7:1] is 7:1 at every size), or cycled where the source
+    itself cycles it (RecurrentGemma's (R, R, A) over 26 layers)."""
+    from hybridzoo.modeling.blocks import BLOCK_CLASSES
+
+    architecture = ARCHITECTURES[name]
+    config = zoo_config(name, size)
+    letters = "".join(BLOCK_CLASSES[block].pattern_letter for block in config.block_types)
+    depth, period = config.num_hidden_layers, len(architecture.pattern)
+    if not architecture.cycle:
+        assert depth % period == 0, f"{name} {size}: {depth} layers cut the pattern {architecture.pattern!r}"
+    assert letters == (architecture.pattern * (depth // period + 1))[:depth]
+
+
+
+
+def test_a_depth_that_cuts_a_repeating_pattern_is_rejected():
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        zoo_config("xlstm", "tiny", num_hidden_layers=12)
+    assert len(zoo_config("griffin-style", "tiny", num_hidden_layers=7).block_types) == 7  # the source cycles
