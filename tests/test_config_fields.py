@@ -15,7 +15,7 @@ from hybridzoo import HybridConfig, HybridForCausalLM
 from hybridzoo.modeling import CACHE_NAME
 from tiny_models import tiny_config
 
-PATTERN = "AGLMRSX"  # every block type once
+PATTERN = "AGLMRSXD"  # every block type once
 LONG = 20  # longer than the tiny sliding window and than the chunk sizes tried below
 
 # field -> a value other than the default (for `tiny_config(PATTERN)`), chosen to be valid
@@ -23,9 +23,9 @@ CHANGED = {
     "vocab_size": 80,
     "hidden_size": 48,
     "intermediate_size": 32,
-    "num_hidden_layers": 14,
-    "block_types": ["attention", "gated_deltanet", "lstm", "mlstm", "rglru", "sliding_attention", "lstm"],
-    "block_pattern": "GGLMRSX",
+    "num_hidden_layers": 16,
+    "block_types": ["attention", "gated_deltanet", "lstm", "mlstm", "rglru", "sliding_attention", "lstm", "mamba2"],
+    "block_pattern": "GGLMRSXD",
     "hidden_act": "gelu",
     "max_position_embeddings": 16,  # read by dynamic RoPE scaling (checked with rope_type="dynamic")
     "initializer_range": 0.2,
@@ -63,6 +63,19 @@ CHANGED = {
     "slstm_num_heads": 2,
     "slstm_conv_kernel_dim": 0,
     "slstm_forget_gate": "exp",
+    "mamba_num_heads": 4,
+    "mamba_head_dim": 4,
+    "mamba_n_groups": 5,
+    "mamba_d_state": 4,
+    "mamba_conv_kernel": 2,
+    "mamba_conv_bias": False,
+    "mamba_proj_bias": True,
+    "mamba_chunk_size": 4,
+    "mamba_dt_min": 0.01,
+    "mamba_dt_max": 0.5,
+    "mamba_dt_init_floor": 0.05,
+    "mamba_dt_min_limit": 0.05,
+    "mamba_dt_max_limit": 0.01,
 }
 
 
