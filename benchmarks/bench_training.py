@@ -34,9 +34,18 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM
 
 from hybridzoo import HybridForCausalLM
-from hybridzoo.configs.zoo import ARCHITECTURES, zoo_config
+from hybridzoo.configs.zoo import ARCHITECTURES, layout, zoo_config
 
 HEADLINE = "qwen3-next-style"
+
+
+def layout_fits(name: str, depth: int) -> bool:
+    """Whether zoo architecture `name` has a layout at `depth` layers (fixed-depth sources such as Bamba do not)."""
+    try:
+        layout(name, depth)
+    except ValueError:
+        return False
+    return True
 
 
 def build_models(args: argparse.Namespace) -> dict[str, nn.Module]:
@@ -60,6 +69,8 @@ def build_models(args: argparse.Namespace) -> dict[str, nn.Module]:
     for name in args.archs:
         if name == HEADLINE:
             models[name] = headline
+        elif not layout_fits(name, args.layers):
+            print(f"  skipped {name}: its source's layout does not fit {args.layers} layers (see configs/zoo.py)")
         else:
             models[name] = matched(
                 lambda width, n=name: HybridForCausalLM(zoo_config(n, "small", **shape, intermediate_size=width))
