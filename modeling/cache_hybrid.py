@@ -38,10 +38,11 @@ def accepts_past_key_values(forward: Callable) -> Callable:
 
     @functools.wraps(forward)
     def forward_with_old_name(*args, **kwargs):
-        if "past_key_values" in kwargs:
-            if kwargs.get("cache") is not None:
+        old = kwargs.pop("past_key_values", None)
+        if old is not None:
+            if kwargs.get("cache") not in (None, old):
                 raise ValueError("Pass the cache once: as `cache` or as `past_key_values`, not both.")
-            kwargs["cache"] = kwargs.pop("past_key_values")
+            kwargs["cache"] = old
         return forward(*args, **kwargs)
 
     return forward_with_old_name
@@ -106,7 +107,12 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
 
 
 class HybridCache(Cache):
-    """Cache for `HybridModel`: one layer per model layer, chosen from `config.layer_types`."""
+    """Cache for `HybridModel`: one layer per model layer, chosen from `config.layer_types`.
+
+    Not `DynamicCache(config=...)`: its linear-attention layers hold one conv + one recurrent tensor per slot with the
+    same slot count in every layer, while our blocks keep 1 to 5 state tensors of their own shapes, and it counts
+    tokens through attention layers only (an attention-free model has none). The layers themselves are transformers'.
+    """
 
     def __init__(self, config) -> None:
         layers = []

@@ -165,10 +165,15 @@ class HybridModel(HybridPreTrainedModel):
                 CACHE_NAME: cache,
                 "position_ids": position_ids,
             }
-            if "full_attention" in self.config.layer_types:
-                layer_masks["full_attention"] = create_causal_mask(**mask_kwargs)
-            if "sliding_attention" in self.config.layer_types:
-                layer_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            # `layer_idx` names the cache layer to size each mask by (left to transformers, an older release can pick a
+            # recurrent layer)
+            layer_types = self.config.layer_types
+            if "full_attention" in layer_types:
+                layer_idx = layer_types.index("full_attention")
+                layer_masks["full_attention"] = create_causal_mask(**mask_kwargs, layer_idx=layer_idx)
+            if "sliding_attention" in layer_types:
+                layer_idx = layer_types.index("sliding_attention")
+                layer_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs, layer_idx=layer_idx)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.has_attention else None

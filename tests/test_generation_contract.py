@@ -98,7 +98,7 @@ def test_a_plain_dynamic_cache_is_refused_with_the_fix():
     with pytest.raises(TypeError, match="HybridCache"):
         model(input_ids, cache=DynamicCache(config=model.config), use_cache=True)
     with pytest.raises(TypeError, match="HybridCache"):
-        model.generate(input_ids, cache=DynamicCache(config=model.config), max_new_tokens=2, pad_token_id=PAD)
+        model.generate(input_ids, **{CACHE_NAME: DynamicCache(config=model.config)}, max_new_tokens=2, pad_token_id=PAD)
 
 
 def test_a_user_given_hybrid_cache_is_continued_by_generate():
@@ -107,7 +107,7 @@ def test_a_user_given_hybrid_cache_is_continued_by_generate():
     cache = HybridCache(model.config)
     with torch.no_grad():
         model(prompt[:, :-1], cache=cache, use_cache=True)
-    continued = model.generate(prompt, cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    continued = model.generate(prompt, **{CACHE_NAME: cache}, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     fresh = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     torch.testing.assert_close(continued, fresh)
 
