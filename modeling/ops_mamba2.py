@@ -380,21 +380,22 @@ def ssd(
     """The SSD scan, picking the implementation per call from the tensors' device and length.
 
     CUDA tensors with `mamba_ssm` installed and more than `RECURRENT_MAX_LEN` tokens: `mamba_chunk_scan_combined`
-    (document resets become its `seq_idx`, which zeroes the carried state where the index changes). Otherwise the
+    (document resets become its `seq_idx`; resets with a carried initial state stay on the torch path). Not run here:
+    this machine has no GPU. Otherwise the
     token loop up to `RECURRENT_MAX_LEN` tokens (decoding) and the chunked form beyond (chunk_size default 64 on CPU,
     256 on GPU). Arguments and returns as `chunk_ssd`.
     """
     length = x.shape[1]
-    if x.is_cuda and length > RECURRENT_MAX_LEN:
+    has_reset = reset is not None and bool(reset.any())
+    # resets together with a carried state stay on the torch path: not every mamba_ssm release takes both
+    if x.is_cuda and length > RECURRENT_MAX_LEN and not (has_reset and initial_state is not None):
         scan = _mamba_ssm_scan()
         if scan is not None:
-            seq_idx = None
-            if reset is not None and bool(reset.any()):
-                # a reset at t = 0 makes the first index 1, so the initial state is dropped as well
-                seq_idx = reset.to(torch.int32).cumsum(-1, dtype=torch.int32)
+            # document index per token: the kernel zeroes the carried state where it changes
+            seq_idx = reset.to(torch.int32).cumsum(-1, dtype=torch.int32).contiguous() if has_reset else None
             state_dtype = _compute_dtype(x, dt, B, C)
             y, final = scan(
-                x,
+                x.contiguous(),
                 dt.float(),
                 A.float(),
                 B.to(x.dtype),
