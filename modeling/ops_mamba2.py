@@ -367,6 +367,24 @@ def mamba_ssm_available() -> bool:
     return torch.cuda.is_available() and _mamba_ssm_scan() is not None
 
 
+def _mamba_ssm_ssd(scan, x, dt, A, B, C, initial_state, reset, chunk_size):
+    """Run `mamba_chunk_scan_combined` (its state layout `[B, H, P, N]` is ours). Document resets become its
+    `seq_idx` (document index per token): the kernel zeroes the carried state where the index changes."""
+    seq_idx = None if reset is None else reset.to(torch.int32).cumsum(-1, dtype=torch.int32).contiguous()
+    y, final = scan(
+        x.contiguous(),
+        dt.float(),
+        A.float(),
+        B.to(x.dtype),
+        C.to(x.dtype),
+        chunk_size or GPU_CHUNK_SIZE,
+        initial_states=None if initial_state is None else initial_state.float(),
+        seq_idx=seq_idx,
+        return_final_states=True,
+    )
+    return y.to(x.dtype), final.to(_compute_dtype(x, dt, B, C))
+
+
 def ssd(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -380,10 +398,10 @@ def ssd(
     """The SSD scan, picking the implementation per call from the tensors' device and length.
 
     CUDA tensors with `mamba_ssm` installed and more than `RECURRENT_MAX_LEN` tokens: `mamba_chunk_scan_combined`
-    (document resets become its `seq_idx`; resets with a carried initial state stay on the torch path). Not run here:
-    this machine has no GPU. Otherwise the
-    token loop up to `RECURRENT_MAX_LEN` tokens (decoding) and the chunked form beyond (chunk_size default 64 on CPU,
-    256 on GPU). Arguments and returns as `chunk_ssd`.
+    (document resets become its `seq_idx`; resets with a carried initial state stay on the torch path). Not run on a
+    GPU yet: the adapter is tested on CPU with a stand-in kernel. Otherwise the token loop up to `RECURRENT_MAX_LEN`
+    tokens (decoding) and the chunked form beyond (chunk_size default 64 on CPU, 256 on GPU). Arguments and returns
+    as `chunk_ssd`.
     """
     length = x.shape[1]
     has_reset = reset is not None and bool(reset.any())
@@ -391,21 +409,7 @@ def ssd(
     if x.is_cuda and length > RECURRENT_MAX_LEN and not (has_reset and initial_state is not None):
         scan = _mamba_ssm_scan()
         if scan is not None:
-            # document index per token: the kernel zeroes the carried state where it changes
-            seq_idx = reset.to(torch.int32).cumsum(-1, dtype=torch.int32).contiguous() if has_reset else None
-            state_dtype = _compute_dtype(x, dt, B, C)
-            y, final = scan(
-                x.contiguous(),
-                dt.float(),
-                A.float(),
-                B.to(x.dtype),
-                C.to(x.dtype),
-                chunk_size or GPU_CHUNK_SIZE,
-                initial_states=None if initial_state is None else initial_state.float(),
-                seq_idx=seq_idx,
-                return_final_states=True,
-            )
-            return y.to(x.dtype), final.to(state_dtype)
+            return _mamba_ssm_ssd(scan, x, dt, A, B, C, initial_state, reset if has_reset else None, chunk_size)
     # The torch paths compute in float32 on purpose (the state accumulates over thousands of steps); autocast would
     # turn their matmuls into bf16 ones, so it is switched off inside and the output cast back to x.dtype.
     with torch.autocast(device_type=x.device.type, enabled=False):

@@ -219,3 +219,28 @@ def test_autocast_keeps_float32():
         y, state = ops.ssd(x, dt, A, B, C, initial_state=h0)
     assert state.dtype == torch.float32
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mamba_ssm_adapter_with_a_stand_in_kernel():
+    """The CUDA path's argument mapping (resets -> `seq_idx`, dtypes, state layout), run on CPU against a stand-in with
+    `mamba_chunk_scan_combined`'s documented semantics: the carried state is zeroed where `seq_idx` changes, and
+    `initial_states` is the state before the first token."""
+    calls = []
+
+    def stand_in(x, dt, A, B, C, chunk_size, initial_states=None, seq_idx=None, return_final_states=False):
+        calls.append((chunk_size, x.dtype, dt.dtype, seq_idx))
+        assert return_final_states and dt.dtype == torch.float32 and B.dtype == x.dtype
+        reset = None
+        if seq_idx is not None:
+            previous = torch.nn.functional.pad(seq_idx, (1, 0))[:, :-1]
+            reset = seq_idx != previous
+        return ops.naive_ssd(x, dt, A, B, C, initial_state=initial_states, reset=reset)
+
+    x, dt, A, B, C, h0 = (t.float() for t in make_inputs(30))
+    reset = reset_mask(30, RESETS)
+    y, state = ops._mamba_ssm_ssd(stand_in, x, dt, A, B, C, None, reset, None)
+    y_ref, state_ref = ops.naive_ssd(x, dt, A, B, C, reset=reset)
+    torch.testing.assert_close((y, state), (y_ref, state_ref))
+    y, state = ops._mamba_ssm_ssd(stand_in, x, dt, A, B, C, h0, None, 128)
+    torch.testing.assert_close((y, state), ops.naive_ssd(x, dt, A, B, C, initial_state=h0))
+    assert [c[0] for c in calls] == [ops.GPU_CHUNK_SIZE, 128] and calls[1][3] is None
