@@ -1,6 +1,7 @@
-"""The `mamba2` block against transformers' `Mamba2Mixer` (pure-torch path on CPU) with the same weights, and a
-Mamba-2 language model against transformers' `Mamba2ForCausalLM`: prefill, token by token through each side's cache,
-prefix + multi-token continuation, left padding, gradients. Grouped B/C (G = 2) and head_dim 8 (!= 64) throughout."""
+"""The `mamba2` block against transformers' `Mamba2Mixer` (pure-torch path on CPU) with the same weights, and whole
+models against transformers' `Mamba2ForCausalLM` and `BambaForCausalLM` (weights renamed, nothing else): prefill,
+token by token through each side's cache, prefix + multi-token continuation, left padding, gradients, greedy
+generation. Grouped B/C (G = 2) and head_dim 8 (!= 64) throughout."""
 
 import re
 
@@ -232,6 +233,64 @@ def test_causal_lm_logits_decode_and_greedy_generation_equal(tie):
         logits_ref = theirs(input_ids).logits
         close(ours(input_ids).logits, logits_ref)
         # decode: prefill 12, then one token at a time through each model's cache
+        out = ours(input_ids[:, :12], use_cache=True)
+        cache, steps = getattr(out, CACHE_NAME), [out.logits]
+        for t in range(12, 19):
+            out = ours(input_ids[:, t : t + 1], **{CACHE_NAME: cache}, use_cache=True)
+            cache = getattr(out, CACHE_NAME)
+            steps.append(out.logits)
+        close(torch.cat(steps, 1), logits_ref)
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    prompt = input_ids[:1, :7]
+    assert torch.equal(ours.generate(prompt, **kwargs), theirs.generate(prompt, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A Mamba-2 + attention hybrid: BambaForCausalLM (mixer or attention, then a SwiGLU MLP, in every layer)
+# ----------------------------------------------------------------------------------------------------------------------
+
+BAMBA_TO_HYBRIDZOO = [
+    (r"^model\.layers\.(\d+)\.mamba\.", r"model.layers.\1.mixer."),
+    (r"^model\.layers\.(\d+)\.self_attn\.", r"model.layers.\1.mixer."),
+    (r"^model\.layers\.(\d+)\.pre_ff_layernorm\.", r"model.layers.\1.post_mixer_layernorm."),
+    (r"^model\.layers\.(\d+)\.feed_forward\.", r"model.layers.\1.mlp."),
+    (r"^model\.final_layernorm\.", "model.norm."),
+]
+
+
+def test_bamba_hybrid_logits_decode_and_greedy_generation_equal():
+    """Bamba's layout (attention at given indices, half-rotary attention, SwiGLU after every mixer) is this model."""
+    from transformers import BambaConfig, BambaForCausalLM
+
+    reference = BambaConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=4, attn_layer_indices=[2],
+        num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=HEADS, mamba_d_head=HEAD_DIM,
+        mamba_n_groups=GROUPS, mamba_d_state=D_STATE, mamba_chunk_size=8, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    theirs = BambaForCausalLM(reference).eval()
+    for layer in theirs.model.layers:
+        if hasattr(layer, "mamba"):
+            randomise_(layer.mamba)
+    ours = HybridForCausalLM(
+        HybridConfig(
+            vocab_size=64, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=4,
+            block_pattern=None, block_types=["mamba2", "mamba2", "attention", "mamba2"], num_attention_heads=4,
+            num_key_value_heads=2, partial_rotary_factor=0.5, mamba_num_heads=HEADS, mamba_head_dim=HEAD_DIM,
+            mamba_n_groups=GROUPS, mamba_d_state=D_STATE, rms_norm_eps=reference.rms_norm_eps, pad_token_id=0,
+        )
+    ).eval()  # fmt: skip
+    renamed = {}
+    for name, tensor in theirs.state_dict().items():
+        for pattern, replacement in BAMBA_TO_HYBRIDZOO:
+            name = re.sub(pattern, replacement, name)
+        renamed[name] = tensor
+    result = ours.load_state_dict(renamed, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    input_ids = torch.randint(3, 64, (2, 19))
+    with torch.no_grad():
+        logits_ref = theirs(input_ids).logits
+        close(ours(input_ids).logits, logits_ref)
         out = ours(input_ids[:, :12], use_cache=True)
         cache, steps = getattr(out, CACHE_NAME), [out.logits]
         for t in range(12, 19):
