@@ -14,6 +14,7 @@ SUBCOMMAND_MODULES = [
     "hybridzoo.configs.zoo",
     "hybridzoo.recipes.cli",
     "hybridzoo.hub",
+    "hybridzoo.convert",
     "hybridzoo.evaluation.harness",
 ]
 

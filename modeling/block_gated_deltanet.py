@@ -119,10 +119,11 @@ class HybridGatedDeltaNet(nn.Module):
             query = query.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
             key = key.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
 
-        beta = torch.sigmoid(b.float())
+        gate_dtype = torch.promote_types(b.dtype, torch.float32)  # float32 at least; float64 stays float64
+        beta = torch.sigmoid(b.to(gate_dtype))
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        decay = -self.A_log.to(gate_dtype).exp() * F.softplus(a.to(gate_dtype) + self.dt_bias.to(gate_dtype))
         if mask is not None:
             # beta = 0 and no decay: a padded step leaves the state exactly as it was
             beta = beta * mask.unsqueeze(-1)

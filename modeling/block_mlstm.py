@@ -24,8 +24,9 @@ Loading xLSTM-7B (transformers `xLSTMForCausalLM`, `weight_mode="single"`) weigh
     backbone.embeddings / backbone.out_norm / lm_head -> model.embed_tokens / model.norm / lm_head
 
 with `block_pattern="M"`, `mlstm_input_gate="exp"`, `mlstm_num_heads=num_heads`, the same dim factors and soft cap,
-`rms_norm_eps=norm_eps` and `intermediate_size` = the ffn's rounded width. Not reproduced here: xLSTM-7B's
-soft-capping of the output logits (30) and its biases when `use_bias=True` (the published model has none).
+`rms_norm_eps=norm_eps`, `mlstm_eps=eps`, `mlstm_use_bias=use_bias` and `intermediate_size` = the ffn's rounded width.
+The whole-model map (logit soft-cap, norm and MLP biases, the fused weight layout) is data in
+`configs/checkpoint_maps.py`, applied by `hybridzoo convert`.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from .ops_mlstm import mlstm
 
 
 class HybridMultiHeadLayerNorm(nn.Module):
-    """LayerNorm (no bias) over each head's features of `[B, T, H, D]`, one weight over all `H * D` features."""
+    """LayerNorm over each head's features of `[B, T, H, D]`, one weight (and optional bias) over all `H * D`."""
 
-    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if bias else None
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -52,7 +54,8 @@ class HybridMultiHeadLayerNorm(nn.Module):
         centered = hidden_states - hidden_states.mean(-1, keepdim=True)
         variance = centered.pow(2).mean(-1, keepdim=True)
         hidden_states = (centered * torch.rsqrt(variance + self.variance_epsilon)).flatten(-2)
-        return self.weight * hidden_states.to(input_dtype)
+        hidden_states = self.weight * hidden_states.to(input_dtype)
+        return hidden_states if self.bias is None else hidden_states + self.bias
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -78,14 +81,16 @@ class HybridMLSTM(nn.Module):
         self.chunk_size = config.mlstm_chunk_size
         self.gate_soft_cap = config.mlstm_gate_soft_cap
 
-        self.q_proj = nn.Linear(self.hidden_size, self.qk_dim, bias=False)
-        self.k_proj = nn.Linear(self.hidden_size, self.qk_dim, bias=False)
-        self.v_proj = nn.Linear(self.hidden_size, self.v_dim, bias=False)
-        self.ogate_proj = nn.Linear(self.hidden_size, self.v_dim, bias=False)  # output gate
+        self.eps = config.mlstm_eps
+        bias = config.mlstm_use_bias  # xLSTM's `use_bias`: q, k, v, output gate, out projection and the head norm
+        self.q_proj = nn.Linear(self.hidden_size, self.qk_dim, bias=bias)
+        self.k_proj = nn.Linear(self.hidden_size, self.qk_dim, bias=bias)
+        self.v_proj = nn.Linear(self.hidden_size, self.v_dim, bias=bias)
+        self.ogate_proj = nn.Linear(self.hidden_size, self.v_dim, bias=bias)  # output gate
         self.igate_proj = nn.Linear(self.hidden_size, self.num_heads, bias=True)  # input gate, one per head
         self.fgate_proj = nn.Linear(self.hidden_size, self.num_heads, bias=True)  # forget gate, one per head
-        self.norm = HybridMultiHeadLayerNorm(self.num_heads, self.head_v_dim, eps=config.rms_norm_eps)
-        self.o_proj = nn.Linear(self.v_dim, self.hidden_size, bias=False)
+        self.norm = HybridMultiHeadLayerNorm(self.num_heads, self.head_v_dim, eps=config.rms_norm_eps, bias=bias)
+        self.o_proj = nn.Linear(self.v_dim, self.hidden_size, bias=bias)
         self.init_custom_parameters()  # usable on its own; from_pretrained overwrites these anyway
 
     state_formula = "4·H·(Dqk·Dv + Dqk + 1) (fp32 C, n, m)"
@@ -110,7 +115,10 @@ class HybridMLSTM(nn.Module):
         qk_dim = int(hidden * config.mlstm_qk_dim_factor)
         v_dim = int(hidden * config.mlstm_v_dim_factor)
         heads, _, head_v = HybridMLSTM._dims(config)
-        return 2 * hidden * qk_dim + 2 * hidden * v_dim + 2 * (hidden + 1) * heads + heads * head_v + v_dim * hidden
+        count = 2 * hidden * qk_dim + 2 * hidden * v_dim + 2 * (hidden + 1) * heads + heads * head_v + v_dim * hidden
+        if config.mlstm_use_bias:
+            count += 2 * qk_dim + 2 * v_dim + heads * head_v + hidden
+        return count
 
     @torch.no_grad()
     def init_custom_parameters(self) -> None:
@@ -148,6 +156,7 @@ class HybridMLSTM(nn.Module):
             mask=mask,
             reset=reset,
             input_gate=self.input_gate,
+            eps=self.eps,
             chunk_size=self.chunk_size,
         )
         output = self.norm(output) * torch.sigmoid(self.ogate_proj(hidden_states))

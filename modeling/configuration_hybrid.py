@@ -37,6 +37,21 @@ class HybridConfig(PreTrainedConfig):
             `num_hidden_layers` (which must be a multiple of its length). Defaults to `"GGGA"` when neither is given.
         num_attention_heads, num_key_value_heads, head_dim, rope_parameters, attention_bias, attention_dropout:
             softmax attention, as in `LlamaConfig`.
+        attention_output_gate (`bool`): `q_proj` emits a query and a gate per head (rows `[query | gate]` per head)
+            and the attention output is multiplied by `sigmoid(gate)` before `o_proj` (Qwen3-Next, Qwen3.5).
+        attention_qk_norm (`bool`): an RMSNorm over each query and key head before RoPE (Qwen3, Qwen3-Next).
+        attention_out_bias (`bool`, *optional*): a bias on `o_proj`; None follows `attention_bias` (Llama), True with
+            `attention_bias=False` is RecurrentGemma's attention.
+        rms_norm_zero_centered (`bool`): every RMSNorm of the model except the gated DeltaNet output norm stores
+            `w` and multiplies by `1 + w` (Gemma, RecurrentGemma, Qwen3-Next, Qwen3.5); see `layers.HybridRMSNorm`.
+        rms_norm_bias (`bool`): a learnable bias in the two RMSNorms of every decoder layer (xLSTM's `use_bias`; the
+            final norm has none there either).
+        mlp_bias (`bool`): biases in the MLP's three projections, as in `LlamaConfig` (RecurrentGemma: True).
+        embedding_scale (`float`): token embeddings are multiplied by this before the first layer (1.0: off).
+            Gemma-family models use sqrt(hidden_size); RecurrentGemma stores it rounded to bfloat16, and the converter
+            writes that rounded value.
+        final_logit_softcapping (`float`, *optional*): logits become `cap * tanh(logits / cap)` (RecurrentGemma and
+            xLSTM-7B: 30; None: off).
         sliding_window (`int`, *optional*): window of the `sliding_attention` blocks (required when there are any).
         linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim,
         linear_conv_kernel_dim: Gated DeltaNet shapes, as in `Qwen3NextConfig` (defaults: the attention heads).
@@ -50,6 +65,9 @@ class HybridConfig(PreTrainedConfig):
             xLSTM-7B weights) or `"sigmoid"` (mLSTMsig).
         mlstm_chunk_size (`int`): chunk length of the `mlstm` blocks' chunkwise-parallel form.
         mlstm_gate_soft_cap (`float`, *optional*): gate pre-activations are capped as `cap * tanh(x / cap)` (None: off).
+        mlstm_eps (`float`): added to the mLSTM normaliser's denominator (xLSTM's `eps`), > 0.
+        mlstm_use_bias (`bool`): biases on the `mlstm` blocks' q/k/v, output-gate and out projections and their head
+            norm (xLSTM's `use_bias`; the gate pre-activations always have one).
         rglru_width (`int`, *optional*): width of the `rglru` blocks' recurrence (defaults to `hidden_size`).
         rglru_num_heads (`int`, *optional*): heads of the block-diagonal RG-LRU gates (defaults to
             `num_attention_heads`); must divide `rglru_width`.
@@ -112,6 +130,15 @@ class HybridConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
+    attention_output_gate: bool = False
+    attention_qk_norm: bool = False
+    attention_out_bias: bool | None = None
+    # norms, MLP, embeddings and logits (options other checkpoints need; the defaults are Llama's)
+    rms_norm_zero_centered: bool = False
+    rms_norm_bias: bool = False
+    mlp_bias: bool = False
+    embedding_scale: float | int = 1.0
+    final_logit_softcapping: float | int | None = None
     # gated DeltaNet
     linear_num_key_heads: int | None = None
     linear_num_value_heads: int | None = None
@@ -129,6 +156,8 @@ class HybridConfig(PreTrainedConfig):
     mlstm_input_gate: str = "exp"
     mlstm_chunk_size: int = 64
     mlstm_gate_soft_cap: float | int | None = 15.0
+    mlstm_eps: float = 1e-6
+    mlstm_use_bias: bool = False
     # RG-LRU
     rglru_width: int | None = None
     rglru_num_heads: int | None = None
@@ -250,6 +279,7 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError(f"`intermediate_size` must be >= 0 (0 disables the MLP), got {self.intermediate_size}.")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps}.")
+        self._validate_model_options()
         if self.linear_chunk_size is not None and self.linear_chunk_size <= 0:
             raise ValueError(f"`linear_chunk_size` must be a positive integer or None, got {self.linear_chunk_size}.")
         blocks = set(self.block_types)
@@ -292,6 +322,28 @@ class HybridConfig(PreTrainedConfig):
         self._validate_mlstm("mlstm" in blocks)
         self._validate_rglru_slstm(blocks)
         self._validate_mamba2("mamba2" in blocks)
+
+    def _validate_model_options(self) -> None:
+        """The switches other checkpoints need: booleans are booleans, scales are positive and finite."""
+        flags = ["attention_output_gate", "attention_qk_norm", "rms_norm_zero_centered", "rms_norm_bias", "mlp_bias"]
+        flags += ["mlstm_use_bias"]
+        for name in flags:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        if self.attention_out_bias is not None and not isinstance(self.attention_out_bias, bool):
+            raise ValueError(
+                f"`attention_out_bias` must be True, False or None (follow `attention_bias`), "
+                f"got {self.attention_out_bias!r}."
+            )
+        scale = self.embedding_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"`embedding_scale` must be a positive finite number (1.0: off), got {scale!r}.")
+        cap = self.final_logit_softcapping
+        bad_cap = isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")
+        if cap is not None and bad_cap:
+            raise ValueError(f"`final_logit_softcapping` must be a positive number or None (off), got {cap!r}.")
+        if isinstance(self.mlstm_eps, bool) or not isinstance(self.mlstm_eps, (int, float)) or self.mlstm_eps <= 0:
+            raise ValueError(f"`mlstm_eps` must be a positive number, got {self.mlstm_eps!r}.")
 
     def _validate_mlstm(self, has_blocks: bool) -> None:
         """mLSTM fields: option values always, the head split only when the model has `mlstm` blocks."""

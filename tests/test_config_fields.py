@@ -63,6 +63,16 @@ CHANGED = {
     "slstm_num_heads": 2,
     "slstm_conv_kernel_dim": 0,
     "slstm_forget_gate": "exp",
+    "attention_output_gate": True,
+    "attention_qk_norm": True,
+    "attention_out_bias": True,
+    "rms_norm_zero_centered": True,
+    "rms_norm_bias": True,
+    "mlp_bias": True,
+    "embedding_scale": 2.0,
+    "final_logit_softcapping": 0.5,
+    "mlstm_eps": 1.0,
+    "mlstm_use_bias": True,
     "mamba_num_heads": 4,
     "mamba_head_dim": 4,
     "mamba_n_groups": 5,
@@ -77,6 +87,8 @@ CHANGED = {
     "mamba_dt_min_limit": 0.05,
     "mamba_dt_max_limit": 0.01,
 }
+# fields that change how the same stored weights are read: compared with the base model's weights loaded into both
+SAME_WEIGHTS = {"rms_norm_zero_centered"}
 
 
 def _own_fields() -> list[str]:
@@ -130,6 +142,14 @@ def test_field_changes_the_model(field):
         rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
         base, changed = {"rope_parameters": dict(rope)}, {"rope_parameters": dict(rope), field: CHANGED[field]}
     train = field == "attention_dropout"  # dropout acts in training mode only
+    if field in SAME_WEIGHTS:
+        torch.manual_seed(0)
+        base_model, changed_model = HybridForCausalLM(_config(**base)), HybridForCausalLM(_config(**changed))
+        changed_model.load_state_dict(base_model.state_dict())
+        input_ids = torch.randint(8, 64, (2, LONG), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert not torch.equal(base_model(input_ids).logits, changed_model(input_ids).logits), field
+        return
     assert _differs(_observe(_config(**base), train), _observe(_config(**changed), train)), field
 
 
