@@ -300,4 +300,5 @@ def test_bamba_hybrid_logits_decode_and_greedy_generation_equal():
         close(torch.cat(steps, 1), logits_ref)
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     prompt = input_ids[:1, :7]
-    assert torch.equal(ours.generate(prompt, **kwargs), theirs.generate(prompt, **kwargs))
+    # Bamba's own cached decode drifts from its full forward (~1e-2 in transformers 5.24): recompute instead
+    assert torch.equal(ours.generate(prompt, **kwargs), theirs.generate(prompt, use_cache=False, **kwargs))
