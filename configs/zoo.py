@@ -162,6 +162,15 @@ def zoo_config(name: str, size: str = "small", **overrides) -> HybridConfig:
     return HybridConfig(**fields)
 
 
+def two_layer_pattern(name: str) -> str:
+    """Architecture `name` at Zoology's 2 layers (MQAR): a single-block architecture twice, a hybrid one layer of each
+    of its kinds (its pattern's first and last letters), so a 2-layer "qwen3-next-style" keeps its attention layer."""
+    pattern = ARCHITECTURES[name].pattern if name in ARCHITECTURES else None
+    if pattern is None:
+        raise _unknown("architecture", name, ARCHITECTURES)
+    return pattern[0] + pattern[-1]
+
+
 def layout(name: str, depth: int) -> list[str]:
     """The block of each of `depth` layers of architecture `name`: its pattern repeated (or cycled, if its source
     cycles it); a depth that would cut a repeating pattern short is an error."""

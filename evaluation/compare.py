@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hybridzoo.configs.zoo import ARCHITECTURES, zoo_config
+from hybridzoo.configs.zoo import ARCHITECTURES, two_layer_pattern, zoo_config
 
 from .harness import make_rows, model_info, write_outputs
 from .metrics import evaluate_task
@@ -47,8 +47,9 @@ def compare_config(architecture: str, d_model: int, settings: CompareSettings):
     """The 2-layer, MLP-free config of `architecture` at width `d_model` (heads as in Zoology's trade-off sweep)."""
     longest = max(t for t, _ in settings.train_slices + (settings.test_slices or []))
     return zoo_config(architecture, "tiny", vocab_size=settings.vocab_size, hidden_size=d_model, num_hidden_layers=2,
-                      intermediate_size=0, num_attention_heads=settings.num_heads,
-                      num_key_value_heads=settings.num_heads, max_position_embeddings=max(2048, longest))
+                      block_pattern=two_layer_pattern(architecture), intermediate_size=0,
+                      num_attention_heads=settings.num_heads, num_key_value_heads=settings.num_heads,
+                      max_position_embeddings=max(2048, longest))
 
 
 def _slice_task(settings: CompareSettings, seq_len: int, num_kv_pairs: int):
