@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hybridzoo.modeling.blocks import BLOCK_LETTERS
+from hybridzoo.modeling.blocks import BLOCK_CLASSES, BLOCK_LETTERS
 from hybridzoo.modeling.configuration_hybrid import HybridConfig
 
 
@@ -190,8 +190,6 @@ def describe(config: HybridConfig, dtype_bytes: int = 4) -> dict:
     Each block class states its own formulas (`parameter_count`, `state_bytes`/`state_formula`,
     `kv_bytes_per_token`/`kv_formula`); the tests check them against an instantiated model and a filled cache.
     """
-    from hybridzoo.modeling.blocks import BLOCK_CLASSES
-
     hidden = config.hidden_size
     parameters = config.vocab_size * hidden + hidden  # embeddings + final norm
     if not config.tie_word_embeddings:
@@ -220,16 +218,26 @@ def describe(config: HybridConfig, dtype_bytes: int = 4) -> dict:
     }
 
 
+def block_config(block_type: str, size: str = "small", **overrides) -> HybridConfig:
+    """A model of `size` made of `block_type` layers only (with each field at its default): the block's sizes alone."""
+    if block_type not in BLOCK_CLASSES:
+        raise _unknown("block", block_type, BLOCK_CLASSES)
+    if size not in SIZES:
+        raise _unknown("size", size, SIZES)
+    fields = dict(SIZES[size])
+    fields["sliding_window"] = min(2048, fields.pop("sliding_window_cap", 2048))
+    fields.update(overrides)
+    return HybridConfig(**fields, block_types=[block_type] * fields["num_hidden_layers"])
+
+
 def zoo_table(size: str = "small") -> str:
-    """A markdown table of every architecture at `size` (float32 state)."""
+    """Markdown tables of every architecture and every registered block at `size` (float32 state)."""
     lines = [
         f"| architecture | params ({size}) | layer pattern | recurrent state / sequence | KV cache / token | source |",
         "|---|---:|---|---:|---:|---|",
     ]
-    formulas = {}
     for name, architecture in ARCHITECTURES.items():
         info = describe(zoo_config(name, size))
-        formulas.update(info["formulas"])
         kv = f"{info['kv_bytes_per_token']:,} B" if info["kv_bytes_per_token"] else "0"
         if info["sliding_window"]:
             kv += f" (window {info['sliding_window']})"
@@ -237,15 +245,28 @@ def zoo_table(size: str = "small") -> str:
             f"| {name} | {info['parameters'] / 1e6:,.1f}M | {info['pattern']} | "
             f"{info['recurrent_state_bytes']:,} B | {kv} | {architecture.source} |"
         )
-    lines.append("")
-    lines.append("Formulas per layer (b = bytes per element of the model dtype; state matrices are float32):")
-    lines += [f"- `{block}`: {formula}" for block, formula in sorted(formulas.items())]
+    lines += [
+        "",
+        f"Blocks (one layer at size {size}; b = bytes per element of the model dtype; state matrices are float32):",
+        "",
+        "| letter | block | params / layer | state / sequence | KV cache / token | formula | LoRA targets |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for name, block in BLOCK_CLASSES.items():
+        config = block_config(name, size)
+        state = f"{block.state_bytes(config, 4):,} B" if block.is_recurrent else "0"
+        kv = "0" if block.is_recurrent else f"{block.kv_bytes_per_token(config, 4):,} B"
+        formula = block.state_formula if block.is_recurrent else block.kv_formula
+        targets = ", ".join((*block.lora_targets, *block.lora_custom_targets)) or "none"
+        lines.append(
+            f"| {block.pattern_letter} | {name} | {block.parameter_count(config):,} | {state} | {kv} | {formula} | "
+            f"{targets} |"
+        )
     return "\n".join(lines)
 
 
-def add_subcommand(subparsers) -> None:
+def add_arguments(parser) -> None:
     """`hybridzoo zoo [--size S]` lists the zoo; `hybridzoo zoo show NAME [--size S]` prints one full config."""
-    parser = subparsers.add_parser("zoo", help="list the zoo's architectures, or show one config")
     parser.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     parser.add_argument("name", nargs="?", help="architecture name (for `show`)")
     parser.add_argument("--size", default="small", choices=list(SIZES))

@@ -138,9 +138,9 @@ def _slices(text: list[str]) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"slices look like 64:4 (seq_len:num_kv_pairs), got {text}") from error
 
 
-def add_compare_subcommand(subparsers) -> None:
+def add_arguments(parser) -> None:
+    """`hybridzoo compare [--architectures ...] [--task ...] ...`: train zoo architectures side by side."""
     defaults = CompareSettings()
-    parser = subparsers.add_parser("compare", help="train zoo architectures on one synthetic task, side by side")
     parser.add_argument("--architectures", nargs="+", default=defaults.architectures, choices=list(ARCHITECTURES))
     parser.add_argument("--task", default=defaults.task, choices=["mqar", "forgetting_mqar"])
     parser.add_argument("--slices", nargs="+", default=[f"{t}:{kv}" for t, kv in defaults.train_slices],

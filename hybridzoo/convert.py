@@ -491,12 +491,8 @@ def export_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def add_subcommand(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert a transformers checkpoint (Llama, Qwen3-Next, Qwen3.5, RecurrentGemma, xLSTM) to hybridzoo",
-        description=convert_checkpoint.__doc__,
-    )
+def add_arguments(parser) -> None:
+    parser.description = convert_checkpoint.__doc__
     parser.add_argument("source", help="local checkpoint folder or Hub repo id")
     parser.add_argument("out_dir", help="output folder (written atomically)")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
@@ -509,10 +505,9 @@ def add_subcommand(subparsers) -> None:
 
     parser.set_defaults(handler=handler)
 
-    export = subparsers.add_parser(
-        "export", help="write a hybridzoo model folder as a native transformers checkpoint (llama, qwen3_next)",
-        description=export_checkpoint.__doc__,
-    )
+
+def add_export_arguments(export) -> None:
+    export.description = export_checkpoint.__doc__
     export.add_argument("model_dir")
     export.add_argument("out_dir")
     export.add_argument("--target", choices=sorted(EXPORT_TARGETS), default="llama")

@@ -271,9 +271,8 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
     return summary
 
 
-def add_subcommand(subparsers) -> None:
+def add_arguments(parser) -> None:
     """`hybridzoo quickstart [--text-steps N ...]`: every `QuickstartSettings` field is a flag."""
-    parser = subparsers.add_parser("quickstart", help="train, evaluate, publish and reload a small hybrid, end to end")
     for setting in fields(QuickstartSettings):
         parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default)
 

@@ -16,9 +16,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .block_base import BlockField, HybridBlock, is_bool, require_positive_ints
 from .layers import HybridRMSNorm, apply_rotary_pos_emb
 
 
@@ -52,12 +53,30 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-class HybridAttention(nn.Module):
-    """Causal softmax attention over the whole context (KV cache grows with the context)."""
+class HybridAttention(HybridBlock):
+    """Causal softmax attention over the whole context (KV cache grows with the context).
 
+    Llama's fields stay on `HybridConfig` itself (`num_attention_heads`, `num_key_value_heads`, `head_dim`,
+    `rope_parameters`, `attention_bias`, `attention_dropout`, `sliding_window`): transformers' mask and RoPE utilities
+    read them there. The options other checkpoints need are this block's own fields (`config_fields`).
+    """
+
+    block_type = "attention"
     layer_type = "full_attention"  # transformers' `layer_types` name: selects the mask and the cache layer
     pattern_letter = "A"
     is_recurrent = False
+    config_fields = (
+        BlockField("attention_output_gate", False, "`q_proj` emits a query and a gate per head (rows `[query | gate]` "
+                   "per head); the attention output is multiplied by `sigmoid(gate)` before `o_proj` (Qwen3-Next, "
+                   "Qwen3.5)", is_bool, "must be True or False"),
+        BlockField("attention_qk_norm", False, "an RMSNorm over each query and key head before RoPE (Qwen3, "
+                   "Qwen3-Next)", is_bool, "must be True or False"),
+        BlockField("attention_out_bias", None, "a bias on `o_proj`; None follows `attention_bias` (Llama), True with "
+                   "`attention_bias=False` is RecurrentGemma's attention",
+                   lambda value: value is None or is_bool(value),
+                   "must be True, False or None (follow `attention_bias`)"),
+    )
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -84,6 +103,26 @@ class HybridAttention(nn.Module):
             self.k_norm = HybridRMSNorm(self.head_dim, **norm_kwargs)
         else:
             self.q_norm = self.k_norm = None
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive_ints(config, ["num_attention_heads", "num_key_value_heads", "head_dim"], "attention")
+        if config.num_attention_heads % config.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({config.num_attention_heads}) must be a multiple of "
+                f"`num_key_value_heads` ({config.num_key_value_heads}): each KV head serves a whole group."
+            )
+        factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
+        if not 0 < factor <= 1 or int(config.head_dim * factor) % 2 != 0 or int(config.head_dim * factor) == 0:
+            raise ValueError(
+                f"`partial_rotary_factor` ({factor}) must be in (0, 1] and rotate an even, non-zero number of "
+                f"the `head_dim` ({config.head_dim}) channels: int(head_dim * factor) = "
+                f"{int(config.head_dim * factor)}."
+            )
+
+    @classmethod
+    def cache_layer(cls, config):
+        return DynamicLayer()
 
     @staticmethod
     def parameter_count(config) -> int:
@@ -159,6 +198,20 @@ class HybridAttention(nn.Module):
 class HybridSlidingWindowAttention(HybridAttention):
     """The same attention restricted to the last `config.sliding_window` tokens (constant-size KV cache)."""
 
+    block_type = "sliding_attention"
     layer_type = "sliding_attention"
     pattern_letter = "S"
     kv_formula = "2·Hkv·Dh·b per token, at most sliding_window tokens"
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        super().validate_config(config)
+        if not isinstance(config.sliding_window, int) or config.sliding_window <= 0:
+            raise ValueError(
+                f"`sliding_window` must be a positive integer when `block_types` has sliding_attention blocks, "
+                f"got {config.sliding_window!r}."
+            )
+
+    @classmethod
+    def cache_layer(cls, config):
+        return DynamicSlidingWindowLayer(sliding_window=config.sliding_window)

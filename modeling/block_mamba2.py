@@ -21,9 +21,29 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .block_base import (
+    BlockField,
+    HybridBlock,
+    is_bool,
+    is_int_or_none,
+    is_positive_int,
+    is_positive_int_or_none,
+    is_positive_number,
+)
 from .layers import init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_mamba2 import ssd
+
+
+def is_non_negative_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def mamba_num_heads(config) -> int:
+    """`mamba_num_heads`, or Mamba-2's default: inner width `2 * hidden_size` (expand 2) in `mamba_head_dim` heads."""
+    if config.mamba_num_heads is not None:
+        return config.mamba_num_heads
+    return max(1, 2 * config.hidden_size // config.mamba_head_dim)
 
 
 class HybridRMSNormGroupGated(nn.Module):
@@ -44,16 +64,66 @@ class HybridRMSNormGroupGated(nn.Module):
         return self.weight * grouped.flatten(-2).to(input_dtype)
 
 
-class HybridMamba2(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+class HybridMamba2(HybridBlock):
+    block_type = "mamba2"
     pattern_letter = "D"  # state-space Duality; NemotronH's "M" is taken by the mLSTM here
-    is_recurrent = True
+    # names and defaults as transformers' `Mamba2Config` (num_heads, head_dim, n_groups, state_size, conv_kernel, ...)
+    config_fields = (
+        BlockField("mamba_num_heads", None, "heads (None: `2 * hidden_size // mamba_head_dim`, Mamba-2's expand 2); "
+                   "the inner width is `mamba_num_heads * mamba_head_dim`", is_int_or_none,
+                   "must be an integer or None"),
+        BlockField("mamba_head_dim", 64, "head dim P (Mamba-2: 64)", is_positive_int, "must be a positive integer"),
+        BlockField("mamba_n_groups", 1, "groups of heads sharing B and C (head h reads group h // (heads / groups))",
+                   is_positive_int, "must be a positive integer"),
+        BlockField("mamba_d_state", 128, "state size N per head (Mamba-2: 128)", is_positive_int,
+                   "must be a positive integer"),
+        BlockField("mamba_conv_kernel", 4, "width of the causal depthwise conv over x, B, C", is_positive_int,
+                   "must be a positive integer"),
+        BlockField("mamba_conv_bias", True, "bias of the conv (Mamba-2: yes)", is_bool, "must be True or False"),
+        BlockField("mamba_proj_bias", False, "biases of in_proj / out_proj (Mamba-2: no)", is_bool,
+                   "must be True or False"),
+        BlockField("mamba_chunk_size", None, "chunk length of the chunked SSD scan (None: 64 on CPU, 256 on GPU)",
+                   is_positive_int_or_none, "must be a positive integer or None (automatic)"),
+        BlockField("mamba_dt_min", 0.001, "lower end of the initial step dt (log-uniform; `time_step_min`)",
+                   is_positive_number, "must be > 0"),
+        BlockField("mamba_dt_max", 0.1, "upper end of the initial step dt (`time_step_max`)", is_positive_number,
+                   "must be > 0"),
+        BlockField("mamba_dt_init_floor", 1e-4, "floor of the initial dt (`time_step_floor`)",
+                   is_non_negative_number, "must be >= 0"),
+        BlockField("mamba_dt_min_limit", 0.0, "dt is clamped to at least this after the softplus "
+                   "(`time_step_limit[0]`)", is_non_negative_number, "must be >= 0"),
+        BlockField("mamba_dt_max_limit", None, "dt is clamped to at most this (None: no upper limit; "
+                   "`time_step_limit[1]`)", lambda v: v is None or is_positive_number(v), "must be > 0 or None"),
+    )  # fmt: skip
+    lora_targets = ("in_proj", "out_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        heads = mamba_num_heads(config)
+        if not is_positive_int(heads):
+            raise ValueError(f"`mamba_num_heads` must be a positive integer for mamba2 blocks, got {heads!r}.")
+        if heads % config.mamba_n_groups != 0:
+            raise ValueError(
+                f"`mamba_num_heads` ({heads}) must be a multiple of `mamba_n_groups` ({config.mamba_n_groups}): "
+                "each group of B and C serves a whole number of heads."
+            )
+        if config.mamba_dt_min > config.mamba_dt_max:
+            raise ValueError(
+                f"`mamba_dt_min` ({config.mamba_dt_min}) must be <= `mamba_dt_max` ({config.mamba_dt_max}): they are "
+                "the initial range of the step dt."
+            )
+        upper = config.mamba_dt_max_limit
+        if upper is not None and upper <= config.mamba_dt_min_limit:
+            raise ValueError(
+                f"`mamba_dt_max_limit` ({upper}) must be > `mamba_dt_min_limit` ({config.mamba_dt_min_limit}), or "
+                "None (no upper limit)."
+            )
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
-        self.num_heads = config.mamba_num_heads
+        self.num_heads = mamba_num_heads(config)
         self.head_dim = config.mamba_head_dim
         self.n_groups = config.mamba_n_groups
         self.d_state = config.mamba_d_state
@@ -93,14 +163,14 @@ class HybridMamba2(nn.Module):
     @staticmethod
     def state_bytes(config, dtype_bytes: int) -> int:
         """Bytes of recurrent state per sequence: the float32 SSM state plus the conv window."""
-        heads, head_dim, d_state = config.mamba_num_heads, config.mamba_head_dim, config.mamba_d_state
+        heads, head_dim, d_state = mamba_num_heads(config), config.mamba_head_dim, config.mamba_d_state
         conv_dim = heads * head_dim + 2 * config.mamba_n_groups * d_state
         return 4 * heads * head_dim * d_state + dtype_bytes * (config.mamba_conv_kernel - 1) * conv_dim
 
     @staticmethod
     def parameter_count(config) -> int:
         """Closed form of this block's parameters (checked against the instantiated module in tests)."""
-        hidden, heads = config.hidden_size, config.mamba_num_heads
+        hidden, heads = config.hidden_size, mamba_num_heads(config)
         inner = heads * config.mamba_head_dim
         conv_dim = inner + 2 * config.mamba_n_groups * config.mamba_d_state
         projection = inner + conv_dim + heads

@@ -35,6 +35,7 @@ import torch
 import transformers.initialization as init
 from torch import nn
 
+from .block_base import BlockField, HybridBlock, is_bool, is_int_or_none, is_positive_int, is_positive_number, one_of
 from .ops_mlstm import mlstm
 
 
@@ -63,10 +64,41 @@ def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else cap * torch.tanh(x / cap)
 
 
-class HybridMLSTM(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+class HybridMLSTM(HybridBlock):
+    block_type = "mlstm"
     pattern_letter = "M"
-    is_recurrent = True
+    config_fields = (
+        BlockField("mlstm_num_heads", None, "heads (default: `num_attention_heads`)",
+                   is_int_or_none, "must be an integer or None", default_from="num_attention_heads"),
+        BlockField("mlstm_qk_dim_factor", 0.5, "q/k width as a fraction of `hidden_size` (xLSTM-7B: 0.5)",
+                   is_positive_number, "must be > 0"),
+        BlockField("mlstm_v_dim_factor", 1.0, "v width as a fraction of `hidden_size` (xLSTM-7B: 1.0)",
+                   is_positive_number, "must be > 0"),
+        BlockField("mlstm_input_gate", "exp", "'exp' (xLSTM, stabilised; loads xLSTM-7B) or 'sigmoid' (mLSTMsig)",
+                   one_of("exp", "sigmoid"), "must be 'exp' or 'sigmoid'"),
+        BlockField("mlstm_chunk_size", 64, "chunk length of the chunkwise-parallel form", is_positive_int,
+                   "must be a positive integer"),
+        BlockField("mlstm_gate_soft_cap", 15.0, "gate pre-activations capped as `cap * tanh(x / cap)` (None: off)",
+                   lambda value: value is None or is_positive_number(value), "must be > 0 or None (no cap)"),
+        BlockField("mlstm_eps", 1e-6, "added to the normaliser's denominator (xLSTM's `eps`)", is_positive_number,
+                   "must be a positive number"),
+        BlockField("mlstm_use_bias", False, "biases on the q/k/v, output-gate and out projections and the head norm "
+                   "(xLSTM's `use_bias`; the gate pre-activations always have one)", is_bool, "must be True or False"),
+    )
+    lora_targets = ("q_proj", "k_proj", "v_proj", "ogate_proj", "o_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        heads = config.mlstm_num_heads
+        if not is_positive_int(heads):
+            raise ValueError(f"`mlstm_num_heads` must be a positive integer for mlstm blocks, got {heads!r}.")
+        for name in ["mlstm_qk_dim_factor", "mlstm_v_dim_factor"]:
+            width = int(config.hidden_size * getattr(config, name))
+            if width <= 0 or width % heads != 0:
+                raise ValueError(
+                    f"`hidden_size * {name}` = {width} must be a positive multiple of `mlstm_num_heads` ({heads}): "
+                    "the mlstm q/k and v widths split evenly into heads."
+                )
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()

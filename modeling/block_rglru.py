@@ -26,6 +26,15 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .block_base import (
+    BlockField,
+    HybridBlock,
+    is_int_or_none,
+    is_positive_int,
+    is_positive_int_or_none,
+    require_divisible,
+    require_positive_ints,
+)
 from .layers import init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_rglru import linear_recurrence
@@ -76,10 +85,27 @@ def sequence_starts(
     return starts
 
 
-class HybridRGLRU(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+class HybridRGLRU(HybridBlock):
+    block_type = "rglru"
     pattern_letter = "R"
-    is_recurrent = True
+    config_fields = (
+        BlockField("rglru_width", None, "width of the recurrence (default: `hidden_size`)", is_int_or_none,
+                   "must be an integer or None", default_from="hidden_size"),
+        BlockField("rglru_num_heads", None, "heads of the block-diagonal gates, dividing `rglru_width` (default: "
+                   "`num_attention_heads`)", is_int_or_none, "must be an integer or None",
+                   default_from="num_attention_heads"),
+        BlockField("rglru_conv_kernel_dim", 4, "width of the causal conv (Griffin: 4)", is_positive_int,
+                   "must be an integer >= 1"),
+        BlockField("rglru_chunk_size", None, "None: the recurrence as a time loop (fastest on CPU); an int: the "
+                   "chunked form with that chunk length (for accelerators)", is_positive_int_or_none,
+                   "must be None (time loop) or a positive integer"),
+    )
+    lora_targets = ("linear_x", "linear_y", "out_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive_ints(config, ["rglru_width", "rglru_num_heads"], "rglru")
+        require_divisible(config, "rglru_width", "rglru_num_heads")
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()

@@ -91,6 +91,8 @@ class HybridMLP(nn.Module):
     `config.mlp_bias` adds biases to the three projections (Llama's `mlp_bias`, RecurrentGemma, xLSTM `use_bias`).
     """
 
+    lora_targets = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, config) -> None:
         super().__init__()
         bias = config.mlp_bias

@@ -13,6 +13,7 @@ from transformers import PreTrainedConfig
 
 from hybridzoo import HybridConfig, HybridForCausalLM
 from hybridzoo.modeling import CACHE_NAME
+from hybridzoo.modeling.blocks import block_fields
 from tiny_models import tiny_config
 
 PATTERN = "AGLMRSXD"  # every block type once
@@ -92,8 +93,10 @@ SAME_WEIGHTS = {"rms_norm_zero_centered"}
 
 
 def _own_fields() -> list[str]:
+    """HybridConfig's own dataclass fields plus every registered block's fields (declared on the block classes)."""
     inherited = {f.name for f in dataclasses.fields(PreTrainedConfig)}
-    return [f.name for f in dataclasses.fields(HybridConfig) if f.name not in inherited]
+    own = [f.name for f in dataclasses.fields(HybridConfig) if f.name not in inherited]
+    return own + list(block_fields())
 
 
 def test_every_field_is_covered():

@@ -199,7 +199,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(Exception, match="mamba_dt_min"):
         HybridConfig(hidden_size=32, num_hidden_layers=1, block_pattern="D", mamba_dt_min=0.5, mamba_dt_max=0.1)
     config = HybridConfig(hidden_size=64, num_hidden_layers=1, block_pattern="D", mamba_head_dim=16)
-    assert config.mamba_num_heads == 8  # Mamba-2's expand 2: inner width 2 * hidden
+    assert HybridMamba2(config).num_heads == 8  # None: Mamba-2's expand 2, inner width 2 * hidden
 
 
 # ----------------------------------------------------------------------------------------------------------------------
