@@ -91,6 +91,21 @@ ARCHITECTURES: dict[str, Architecture] = {
             "large": {"num_hidden_layers": 32, "hidden_size": 1536, "intermediate_size": 4096},
         },
     ),
+    "paragru": Architecture(
+        "U",
+        "all ParaGRU (GRU with diagonal recurrence), trained by Newton's method",
+        "Danieli et al. 2025, ParaRNN (arXiv 2510.21450), the ParaGRU model",
+    ),
+    "paralstm": Architecture(
+        "P",
+        "all ParaLSTM (CIFG LSTM, diagonal recurrence, peepholes), trained by Newton's method",
+        "Danieli et al. 2025, ParaRNN (arXiv 2510.21450), the ParaLSTM model",
+    ),
+    "paralstm-attention": Architecture(
+        "PPPA",
+        "3 ParaLSTM : 1 full attention",
+        "the ParaLSTM analogue of the 3:1 hybrids above (ParaRNN's cell, Qwen3-Next's ratio)",
+    ),
 }
 
 # shared widths and depths; `num_attention_heads` also sets the recurrent blocks' head counts by default

@@ -81,12 +81,16 @@ def run_compare(settings: CompareSettings, log=print) -> tuple[list[dict], dict[
                 metrics = evaluate_task(model, task, settings.test_examples, seed=settings.seed + 10_000)
                 cell = {"num_kv_pairs": kv, "train_seconds": seconds, "train_steps": settings.steps,
                         "eval_seconds": time.perf_counter() - start, "chance": chance_accuracy(task),
-                        "final_train_loss": model.training_log["final_loss"]}
+                        "final_train_loss": model.training_log["final_loss"],
+                        **{k: v for k, v in model.training_log.items() if k.startswith("newton_")}}
                 rows += make_rows(info, settings.task, seq_len, settings.seed, metrics, **cell)
                 accuracy = next(m for m in metrics if m["metric"] == "accuracy")
                 log(f"{label} (T={seq_len}, kv={kv}): accuracy {accuracy['value']:.3f} "
                     f"[{accuracy['ci_low']:.3f}, {accuracy['ci_high']:.3f}] n={accuracy['n']}, "
-                    f"trained {seconds:.0f} s")
+                    f"trained {seconds:.0f} s"
+                    + (f", Newton iterations mean {model.training_log['newton_mean_iterations']:.2f} max "
+                       f"{model.training_log['newton_max_iterations']}, fallbacks "
+                       f"{model.training_log['newton_fallbacks']}" if "newton_solves" in model.training_log else ""))
             # rewrite the results after every model, so a long grid that is stopped keeps what it measured
             write_outputs(rows, {}, settings.output_dir, title=f"hybridzoo compare ({settings.task}, partial)")
     out = Path(settings.output_dir)

@@ -44,6 +44,7 @@ from .block_gated_deltanet import HybridGatedDeltaNet
 from .block_lstm import HybridLSTM
 from .block_mamba2 import HybridMamba2
 from .block_mlstm import HybridMLSTM
+from .block_pararnn import HybridParaGRU, HybridParaLSTM
 from .block_rglru import HybridRGLRU
 from .block_slstm import HybridSLSTM
 from .blocks_external import EXTERNAL_BLOCKS
@@ -56,6 +57,8 @@ BUILTIN_BLOCKS = [
     HybridLSTM,
     HybridMamba2,
     HybridMLSTM,
+    HybridParaGRU,
+    HybridParaLSTM,
     HybridRGLRU,
     HybridSLSTM,
 ]

@@ -16,7 +16,7 @@ from hybridzoo.modeling import CACHE_NAME
 from hybridzoo.modeling.blocks import block_fields
 from tiny_models import tiny_config
 
-PATTERN = "AGLMRSXD"  # every block type once
+PATTERN = "AGLMPRSUXD"  # every block type once (mamba2 last, so the layers before it keep their random init)
 LONG = 20  # longer than the tiny sliding window and than the chunk sizes tried below
 
 # field -> a value other than the default (for `tiny_config(PATTERN)`), chosen to be valid
@@ -24,9 +24,9 @@ CHANGED = {
     "vocab_size": 80,
     "hidden_size": 48,
     "intermediate_size": 32,
-    "num_hidden_layers": 16,
-    "block_types": ["attention", "gated_deltanet", "lstm", "mlstm", "rglru", "sliding_attention", "lstm", "mamba2"],
-    "block_pattern": "GGLMRSXD",
+    "num_hidden_layers": 20,
+    "block_types": ["attention", "gated_deltanet", "lstm", "mlstm", "rglru", "sliding_attention", "paragru", "mamba2"],
+    "block_pattern": "GGLMPRSUXD",
     "hidden_act": "gelu",
     "max_position_embeddings": 16,  # read by dynamic RoPE scaling (checked with rope_type="dynamic")
     "initializer_range": 0.2,
@@ -64,6 +64,12 @@ CHANGED = {
     "slstm_num_heads": 2,
     "slstm_conv_kernel_dim": 0,
     "slstm_forget_gate": "exp",
+    "pararnn_width": 48,
+    "pararnn_num_heads": 2,
+    "pararnn_conv_kernel_dim": 2,
+    "rnn_solver": "sequential",  # same states to the Newton tolerance, different rounding (see tests/test_pararnn.py)
+    "newton_max_iter": 0,  # every solve finishes sequentially (rounding differs; the fallback is counted)
+    "newton_tol": 0.5,  # accepts a far-off first guess
     "attention_output_gate": True,
     "attention_qk_norm": True,
     "attention_out_bias": True,
