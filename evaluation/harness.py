@@ -81,7 +81,8 @@ def state_bytes_at(info: dict, length: int) -> int | None:
 
 
 def make_rows(info: dict, task: str, length: int, seed: int, metrics: Iterable[dict], **cell) -> list[dict]:
-    base = {"architecture": info["architecture"], "pattern": info["pattern"], "d_model": info["d_model"],
+    base = {"model": info.get("model") or info["architecture"], "architecture": info["architecture"],
+            "pattern": info["pattern"], "d_model": info["d_model"],
             "state_bytes": state_bytes_at(info, length), "task": task, "length": length,
             "depth": cell.pop("depth", None), "num_kv_pairs": cell.pop("num_kv_pairs", None), "seed": seed}
     return [{**base, **cell, **metric} for metric in metrics]
