@@ -12,6 +12,11 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def model_name(row: dict) -> str:
+    """The model a row belongs to (rows written before the `model` field name only the architecture)."""
+    return row.get("model") or row["architecture"]
+
+
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=100)
@@ -26,7 +31,7 @@ def recall_vs_state(rows: list[dict], path: Path, task: str = "mqar") -> Path | 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         if row["task"] == task and row["metric"] == "accuracy" and row.get("state_bytes"):
-            groups[(row["architecture"], row.get("d_model"))].append(row)
+            groups[(model_name(row), row.get("d_model"))].append(row)
     for (architecture, _d), cells in groups.items():
         longest = max(cells, key=lambda r: r["length"])
         points[architecture].append((longest["state_bytes"], sum(r["value"] for r in cells) / len(cells)))
@@ -46,10 +51,10 @@ def recall_vs_state(rows: list[dict], path: Path, task: str = "mqar") -> Path | 
     return _save(figure, path)
 
 
-def niah_heatmap(rows: list[dict], path: Path, task: str, architecture: str) -> Path | None:
+def niah_heatmap(rows: list[dict], path: Path, task: str, model: str) -> Path | None:
     """Length × depth heatmap of exact-match accuracy for one NIAH-style task and one model."""
     cells = {(r["length"], r["depth"]): r["value"] for r in rows
-             if r["task"] == task and r["architecture"] == architecture and r["metric"] == "exact"
+             if r["task"] == task and model_name(r) == model and r["metric"] == "exact"
              and r.get("depth") is not None}
     if not cells:
         return None
@@ -66,7 +71,7 @@ def niah_heatmap(rows: list[dict], path: Path, task: str, architecture: str) -> 
         for j, value in enumerate(row):
             if not math.isnan(value):
                 axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
-    axis.set_title(f"{task}: {architecture}")
+    axis.set_title(f"{task}: {model}")
     figure.colorbar(image, ax=axis, label="exact match")
     return _save(figure, path)
 
@@ -105,7 +110,7 @@ def decode_cost(rows: list[dict], path: Path) -> Path | None:
     lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in rows:
         if row["task"] == "decode_cost" and row["metric"] == "ms_per_token":
-            lines[row["architecture"]].append((row["length"], row["value"]))
+            lines[model_name(row)].append((row["length"], row["value"]))
     if not lines:
         return None
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -128,13 +133,13 @@ def accuracy_bars(rows: list[dict], path: Path, metric: str = "accuracy") -> Pat
     if not cells:
         return None
     keys = sorted({_cell(r) for r in cells})
-    architectures = sorted({r["architecture"] for r in cells})
+    architectures = sorted({model_name(r) for r in cells})
     width = 0.8 / len(architectures)
     figure, axis = plt.subplots(figsize=(max(6, 1.5 * len(keys)), 4))
     for a, architecture in enumerate(architectures):
         xs, ys, errors = [], [], [[], []]
         for k, key in enumerate(keys):
-            match = [r for r in cells if r["architecture"] == architecture and _cell(r) == key]
+            match = [r for r in cells if model_name(r) == architecture and _cell(r) == key]
             if match:
                 r = match[0]
                 xs.append(k + (a - (len(architectures) - 1) / 2) * width)
