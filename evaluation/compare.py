@@ -170,13 +170,16 @@ def add_compare_subcommand(subparsers) -> None:
                         "ignored")
     parser.add_argument("--restart", action="store_true", help="with --sweep: start over in an output folder that "
                         "holds another sweep's cells (kept as cells.jsonl.bak)")
+    parser.add_argument("--summary-only", action="store_true", help="with --sweep: train nothing; rewrite the table, "
+                        "JSON and plot from the cells finished so far")
 
     def handler(args) -> int:
         if args.sweep:
             from .sweep import load_sweep, run_sweep
 
             spec = load_sweep(args.sweep)
-            written = run_sweep(spec, args.output_dir or f"outputs/sweeps/{spec.name}", restart=args.restart)
+            written = run_sweep(spec, args.output_dir or f"outputs/sweeps/{spec.name}", restart=args.restart,
+                                summary_only=args.summary_only)
             print(written["markdown"].read_text())
             for name, path in written.items():
                 print(f"{name}: {path}")

@@ -83,9 +83,10 @@ class SweepSpec:
     description: str = ""
 
     def cells(self) -> list[Cell]:
-        """The grid in run order: model, width, learning rate, seed."""
-        return [Cell(model.name, d, lr, seed) for model in self.models for d in (model.d_models or self.d_models)
-                for lr in self.learning_rates for seed in self.seeds]
+        """The grid in run order: seed, model, width, learning rate (a sweep stopped early has every model of the
+        first seeds rather than every seed of the first models)."""
+        return [Cell(model.name, d, lr, seed) for seed in self.seeds for model in self.models
+                for d in (model.d_models or self.d_models) for lr in self.learning_rates]
 
     def model(self, name: str) -> ModelSpec:
         return next(m for m in self.models if m.name == name)
@@ -294,15 +295,20 @@ def prepare_output(spec: SweepSpec, out: Path, restart: bool = False) -> None:
     _write_atomic(spec_path, json.dumps({"fingerprint": spec.fingerprint(), "spec": asdict(spec)}, indent=2) + "\n")
 
 
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
 def run_sweep(spec: SweepSpec, output_dir: str | Path, runner: CellRunner = train_and_test, restart: bool = False,
-              log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Run every unfinished cell of `spec` (resuming from `output_dir`), then write the summary outputs."""
+              log: Callable[[str], None] = _print, summary_only: bool = False) -> dict[str, Path]:
+    """Run every unfinished cell of `spec` (resuming from `output_dir`), then write the summary outputs.
+    `summary_only`: train nothing, rewrite the outputs from the cells finished so far."""
     out = Path(output_dir)
     prepare_output(spec, out, restart)
     fingerprint = spec.fingerprint()
     finished = read_finished_cells(out, fingerprint)
     cells = spec.cells()
-    todo = [cell for cell in cells if cell.key not in finished]
+    todo = [] if summary_only else [cell for cell in cells if cell.key not in finished]
     log(f"sweep {spec.name}: {len(cells)} cells ({len(spec.models)} models x widths x {len(spec.learning_rates)} "
         f"learning rates x {len(spec.seeds)} seeds); {len(cells) - len(todo)} already done in {out}")
     started = time.perf_counter()
@@ -391,7 +397,8 @@ def summarize(spec: SweepSpec, finished: dict[str, dict]) -> tuple[list[dict], l
         by_slice: dict[tuple, list[dict]] = defaultdict(list)
         for r in chosen:
             by_slice[(r["length"], r["num_kv_pairs"])].append(r)
-        slices = {key: pooled_accuracy(group) for key, group in sorted(by_slice.items(), key=lambda kv: str(kv[0]))}
+        slices = {key: pooled_accuracy(group)
+                  for key, group in sorted(by_slice.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))}
         longest = max(chosen, key=lambda r: r["length"])
         points.append({"model": model, "architecture": chosen[0]["architecture"], "pattern": chosen[0]["pattern"],
                        "d_model": d_model, "best_lr": choice["lr"], "lr_scores": choice["scores"],
