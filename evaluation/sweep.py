@@ -313,20 +313,23 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path, runner: CellRunner = trai
         f"learning rates x {len(spec.seeds)} seeds); {len(cells) - len(todo)} already done in {out}")
     started = time.perf_counter()
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {spec.name}", unit="cell")
-    for done, cell in enumerate(todo, start=1):
-        cell_start = time.perf_counter()
-        rows = runner(spec, cell)
-        seconds = time.perf_counter() - cell_start
-        append_cell(out, {"fingerprint": fingerprint, "cell": cell.key, "seconds": seconds, "rows": rows})
-        finished[cell.key] = {"rows": rows}
-        bar.update(1)
-        elapsed = time.perf_counter() - started
-        eta = elapsed / done * (len(todo) - done)
-        log(f"[{len(cells) - len(todo) + done}/{len(cells)}] {cell.key}: mean accuracy "
-            f"{mean_accuracy(rows):.3f} ({seconds:.0f} s); elapsed {_duration(elapsed)}, ETA {_duration(eta)}")
-        write_summary(spec, finished, out)  # after every cell: a stopped sweep still has its table and plot
-    bar.close()
-    return write_summary(spec, finished, out)
+    try:
+        for done, cell in enumerate(todo, start=1):
+            cell_start = time.perf_counter()
+            rows = runner(spec, cell)
+            seconds = time.perf_counter() - cell_start
+            append_cell(out, {"fingerprint": fingerprint, "cell": cell.key, "seconds": seconds, "rows": rows})
+            finished[cell.key] = {"rows": rows}
+            bar.update(1)
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done * (len(todo) - done)
+            log(f"[{len(cells) - len(todo) + done}/{len(cells)}] {cell.key}: mean accuracy "
+                f"{mean_accuracy(rows):.3f} ({seconds:.0f} s); elapsed {_duration(elapsed)}, ETA {_duration(eta)}")
+            write_summary(spec, finished, out, plot=False)  # a stopped sweep still has its table
+    finally:
+        bar.close()
+        written = write_summary(spec, finished, out) if finished else {}
+    return written
 
 
 def _duration(seconds: float) -> str:
@@ -409,7 +412,7 @@ def summarize(spec: SweepSpec, finished: dict[str, dict]) -> tuple[list[dict], l
     return all_rows, points
 
 
-def write_summary(spec: SweepSpec, finished: dict[str, dict], out: Path) -> dict[str, Path]:
+def write_summary(spec: SweepSpec, finished: dict[str, dict], out: Path, plot: bool = True) -> dict[str, Path]:
     from . import plots
     from .references import matching_references, references_markdown
 
@@ -418,22 +421,24 @@ def write_summary(spec: SweepSpec, finished: dict[str, dict], out: Path) -> dict
     _write_atomic(written["results"], "".join(json.dumps(r) + "\n" for r in all_rows))
     references = matching_references(spec.task, spec.test, spec.task_params)
     complete = len(finished) == len(spec.cells())
-    table = sweep_table(spec, points, complete)
+    table = sweep_table(spec, points, complete, references)
     if references:
         table += "\n\n" + references_markdown(references)
     _write_atomic(written["markdown"], table + "\n")
     summary = {"sweep": asdict(spec), "cells_done": len(finished), "cells_total": len(spec.cells()),
                "points": points, "references": references}
     _write_atomic(written["summary"], json.dumps(summary, indent=2) + "\n")
+    if not plot:
+        return written
     if spec.task in ("mqar",):
-        plot = plots.accuracy_vs_state(points, out / "accuracy_vs_state.png", references,
+        path = plots.accuracy_vs_state(points, out / "accuracy_vs_state.png", references,
                                        title=f"{spec.name}: MQAR recall vs state size")
     else:
         train_length = max(test_slice_fields(task)["length"] for task, _ in spec.train_tasks())
-        plot = plots.length_generalisation(points, out / "length_generalisation.png", train_length,
+        path = plots.length_generalisation(points, out / "length_generalisation.png", train_length,
                                            title=f"{spec.name}: {spec.task}")
-    if plot is not None:
-        written["plot"] = plot
+    if path is not None:
+        written["plot"] = path
     return written
 
 
@@ -441,14 +446,30 @@ def _slice_name(s: dict) -> str:
     return f"T={s['length']}, kv={s['num_kv_pairs']}" if s.get("num_kv_pairs") else f"length {s['length']}"
 
 
-def sweep_table(spec: SweepSpec, points: list[dict], complete: bool = True) -> str:
-    """Markdown: one line per (model, width) at its best learning rate, accuracy with 95% interval per test slice."""
+def nearest_published(point: dict, references: list[dict]) -> str:
+    """The published point of the same architecture nearest in state bytes (within a factor of 2), as a cell."""
+    candidates = [r for r in references if r["x_kind"] == "state_bytes" and point.get("state_bytes")
+                  and r.get("architecture") == point["architecture"] and 0.5 <= r["x"] / point["state_bytes"] <= 2]
+    if not candidates:
+        return ""
+    best = min(candidates, key=lambda r: abs(math.log(r["x"] / point["state_bytes"])))
+    return f"{best['value']:.2f} at {best['x']:,} B ({best['source']})"
+
+
+def sweep_table(spec: SweepSpec, points: list[dict], complete: bool = True,
+                references: list[dict] | None = None) -> str:
+    """Markdown: one line per (model, width) at its best learning rate, accuracy with 95% interval per test slice,
+    and the published number of the same architecture at a similar state size (another scale) where there is one."""
     names = []
     for p in points:
         for s in p["slices"]:
             if _slice_name(s) not in names:
                 names.append(_slice_name(s))
+    published = {(p["model"], p["d_model"]): nearest_published(p, references or []) for p in points}
+    show_published = any(published.values())
     header = ["model", "d", "pattern", "state bytes", "best lr", *names, "mean [95% CI]"]
+    if show_published:
+        header.append("published, other scale (nearest state size)")
     lines = [f"# sweep {spec.name}" + ("" if complete else " (partial: not every cell has finished)"), "",
              spec.description.strip(), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -460,6 +481,8 @@ def sweep_table(spec: SweepSpec, points: list[dict], complete: bool = True) -> s
             line.append(f"{s['value']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s else "")
         m = p["mean"]
         line.append(f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        if show_published:
+            line.append(published[(p["model"], p["d_model"])])
         lines.append("| " + " | ".join(line) + " |")
     seeds = ", ".join(str(s) for s in spec.seeds)
     lrs = ", ".join(f"{lr:.3g}" for lr in spec.learning_rates)

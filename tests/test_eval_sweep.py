@@ -5,13 +5,14 @@ import json
 import pytest
 
 from hybridzoo.cli import main
-from hybridzoo.evaluation.references import beside_ours, reference_points
+from hybridzoo.evaluation.references import beside_ours, matching_references, reference_points
 from hybridzoo.evaluation.sweep import (
     CELLS_FILE,
     Cell,
     best_learning_rates,
     builtin_sweeps,
     load_sweep,
+    nearest_published,
     run_sweep,
     sweep_from_dict,
 )
@@ -171,3 +172,12 @@ def test_references_carry_citation_and_setting_and_sit_beside_matching_rows():
     section = beside_ours(ours)
     assert "orientation, not a claim of parity" in section and "| mine | niah_single_2 | length 1024" in section
     assert "length 300" not in section and "arXiv 2412.06464" in section
+
+
+def test_a_sweep_point_is_shown_beside_the_published_point_of_its_architecture_and_state_size():
+    mqar = matching_references("mqar")
+    # Zoology's Gated DeltaNet points sit at 17,000 / 66,000 / 260,000 bytes
+    assert nearest_published({"architecture": "gated-deltanet", "state_bytes": 20_992}, mqar) == \
+        "0.89 at 17,000 B (zoology-tradeoff)"
+    assert nearest_published({"architecture": "gated-deltanet", "state_bytes": 1_000}, mqar) == ""  # nothing near
+    assert nearest_published({"architecture": "lstm", "state_bytes": 17_000}, mqar) == ""  # no published LSTM
