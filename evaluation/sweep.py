@@ -368,11 +368,12 @@ def pooled_accuracy(rows: list[dict]) -> dict:
     """Accuracy rows of one test slice over seeds: the mean value and a Wilson interval on the pooled counts."""
     from .metrics import wilson_interval
 
+    rows = sorted(rows, key=lambda r: r["seed"])
     correct = sum(r["correct"] for r in rows)
     n = sum(r["n"] for r in rows)
     low, high = wilson_interval(correct, n)
     return {"value": sum(r["value"] for r in rows) / len(rows), "ci_low": low, "ci_high": high, "n": n,
-            "seeds": sorted(r["seed"] for r in rows), "per_seed": [r["value"] for r in rows]}
+            "seeds": [r["seed"] for r in rows], "per_seed": [r["value"] for r in rows]}
 
 
 def mean_over_slices(slices: list[dict]) -> dict:
@@ -467,7 +468,7 @@ def sweep_table(spec: SweepSpec, points: list[dict], complete: bool = True,
                 names.append(_slice_name(s))
     published = {(p["model"], p["d_model"]): nearest_published(p, references or []) for p in points}
     show_published = any(published.values())
-    header = ["model", "d", "pattern", "state bytes", "best lr", *names, "mean [95% CI]"]
+    header = ["model", "d", "pattern", "state bytes", "best lr", "seeds", *names, "mean [95% CI]"]
     if show_published:
         header.append("published, other scale (nearest state size)")
     lines = [f"# sweep {spec.name}" + ("" if complete else " (partial: not every cell has finished)"), "",
@@ -475,7 +476,8 @@ def sweep_table(spec: SweepSpec, points: list[dict], complete: bool = True,
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in points:
         cells = {_slice_name(s): s for s in p["slices"]}
-        line = [p["model"], str(p["d_model"]), p["pattern"] or "", f"{p['state_bytes']:,}", f"{p['best_lr']:.2g}"]
+        line = [p["model"], str(p["d_model"]), p["pattern"] or "", f"{p['state_bytes']:,}", f"{p['best_lr']:.2g}",
+                ", ".join(str(seed) for seed in p["slices"][0]["seeds"])]
         for name in names:
             s = cells.get(name)
             line.append(f"{s['value']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]" if s else "")
@@ -484,19 +486,18 @@ def sweep_table(spec: SweepSpec, points: list[dict], complete: bool = True,
         if show_published:
             line.append(published[(p["model"], p["d_model"])])
         lines.append("| " + " | ".join(line) + " |")
-    seeds = ", ".join(str(s) for s in spec.seeds)
     lrs = ", ".join(f"{lr:.3g}" for lr in spec.learning_rates)
     lines += ["", f"Accuracy at the scored positions (argmax over the full vocabulary), {spec.test_examples} test "
-              f"examples per slice and seed; 95% Wilson interval on the pooled counts (over seeds {seeds}); the "
+              f"examples per slice and seed; 95% Wilson interval on the pooled counts (over the seeds listed); the "
               f"mean's interval combines the slices' in quadrature. Best of learning rates {lrs} by mean accuracy "
               f"over the slices. {spec.steps} steps x batch {spec.batch_size}, AdamW + cosine, {spec.num_layers} "
               f"layers, no MLP. State bytes: recurrent state, plus the KV cache at length "
               f"{max((p['state_bytes_at_length'] for p in points), default=0)} for attention."]
     per_seed = [p for p in points if len(spec.seeds) > 1]
     if per_seed:
-        lines += ["", "Per seed (" + seeds + "), at the best learning rate:", ""]
+        lines += ["", "Per seed, at the best learning rate:", ""]
         for p in per_seed:
             for s in p["slices"]:
-                values = ", ".join(f"{v:.3f}" for v in s["per_seed"])
+                values = ", ".join(f"{v:.3f} (seed {seed})" for seed, v in zip(s["seeds"], s["per_seed"], strict=True))
                 lines.append(f"- {p['model']} d={p['d_model']}, {_slice_name(s)}: {values}")
     return "\n".join(lines)

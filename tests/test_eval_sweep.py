@@ -157,7 +157,8 @@ def test_state_tracking_sweep_plots_length_generalisation(tmp_path):
     assert written["plot"].name == "length_generalisation.png"
     assert written["plot"].read_bytes()[:4] == b"\x89PNG"
     table = written["markdown"].read_text()
-    assert "| lstm | 64 |" in table and "length 256" in table and "Per seed (0, 1, 2)" in table
+    assert "| lstm | 64 |" in table and "length 256" in table
+    assert "0.900 (seed 0), 0.900 (seed 1), 0.900 (seed 2)" in table
 
 
 def test_references_carry_citation_and_setting_and_sit_beside_matching_rows():
