@@ -81,7 +81,7 @@ def run_compare(settings: CompareSettings, log=print) -> tuple[list[dict], dict[
             model = train_on_task(compare_config(architecture, d_model, settings), train_task, settings.steps,
                                   batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
                                   description=label)
-            info = model_info(model, architecture)
+            info = dict(model_info(model, architecture), model=f"{architecture}-d{d_model}")
             seconds = model.training_log["seconds"]
             for seq_len, kv in test_slices:
                 task = _slice_task(settings, seq_len, kv)

@@ -31,7 +31,7 @@ def recall_vs_state(rows: list[dict], path: Path, task: str = "mqar") -> Path | 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         if row["task"] == task and row["metric"] == "accuracy" and row.get("state_bytes"):
-            groups[(model_name(row), row.get("d_model"))].append(row)
+            groups[(row["architecture"], row.get("d_model"))].append(row)  # a line per architecture across widths
     for (architecture, _d), cells in groups.items():
         longest = max(cells, key=lambda r: r["length"])
         points[architecture].append((longest["state_bytes"], sum(r["value"] for r in cells) / len(cells)))
