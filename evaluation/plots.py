@@ -191,7 +191,7 @@ def accuracy_vs_state(points: list[dict], path: Path, references: list[dict] | N
                   linewidth=1, label=f"{model} (published, other scale)")
     axis.set_xscale("log")
     axis.set_ylim(-0.02, 1.02)
-    axis.set_xlabel("state bytes (recurrent state; attention: KV cache at the longest test slice)")
+    axis.set_xlabel("state bytes (attention: KV cache at the longest test slice)")
     axis.set_ylabel("accuracy, mean over test slices (95% CI)")
     axis.set_title(title)
     axis.grid(alpha=0.3)

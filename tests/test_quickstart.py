@@ -46,7 +46,8 @@ def test_quickstart_chain_at_tiny_size(tmp_path, monkeypatch, capsys):
         tasks_by_model.setdefault(row["model"], set()).add(row["task"])
     for name in ("qwen3-next-style", "transformer"):
         # only what fits each model's training: the MQAR family (no word-level needles) and real text
-        assert "mqar" in tasks_by_model[f"mqar-{name}"] <= {"mqar", "forgetting_mqar", "decode_cost"}
+        assert "mqar" in tasks_by_model[f"mqar-{name}"] <= {"mqar", "forgetting_mqar_updated",
+                                                             "forgetting_mqar_untouched"}
         assert {"text_loss", "decode_cost"} == tasks_by_model[f"text-{name}"]
     assert {row["architecture"] for row in rows if row["model"].endswith("qwen3-next-style")} == {"qwen3-next-style"}
     assert (out / "eval" / "results.md").exists() and list((out / "eval").glob("*.png"))
