@@ -26,6 +26,7 @@ from .blocks import BLOCK_CLASSES
 from .cache_hybrid import HybridCache
 from .configuration_hybrid import HybridConfig
 from .layers import HybridMLP, HybridRMSNorm, HybridRotaryEmbedding
+from .ops_cross_entropy import chunked_linear_cross_entropy, shift_labels_for_causal_lm
 
 
 class HybridDecoderLayer(GradientCheckpointingLayer):
@@ -240,8 +241,14 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        r"""
+        skip_logits (`bool`, *optional*):
+            With `labels`, compute the loss by the chunked LM head + cross-entropy and return `logits=None` (the
+            full logits are never built). Default: when training (`model.train()`) with `labels`.
+        """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -252,17 +259,56 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        loss = logits = None
+        if labels is not None and skip_logits and self._chunked_loss_applies(logits_to_keep):
+            loss = self._chunked_causal_lm_loss(hidden_states, labels, **kwargs)
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+        )
+
+    def _chunked_loss_applies(self, logits_to_keep: int | torch.Tensor) -> bool:
+        """The chunked loss replaces exactly `ForCausalLMLoss(lm_head(h), labels)`: a plain, unwrapped `nn.Linear` head
+        (not a PEFT / hook-wrapped one), all positions kept, and transformers' default causal-LM loss."""
+        head = self.lm_head
+        return (
+            isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
+            and type(head) is nn.Linear
+            and not (head._forward_hooks or head._forward_pre_hooks)
+            and not hasattr(self, "_loss_function")
+            and getattr(self, "loss_type", None) in (None, "ForCausalLM")
+        )
+
+    def _chunked_causal_lm_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """`ForCausalLMLoss(lm_head(hidden_states), labels, ...)` by `chunked_linear_cross_entropy` (same arguments)."""
+        if shift_labels is None:
+            shift_labels = shift_labels_for_causal_lm(labels, ignore_index)
+        return chunked_linear_cross_entropy(
+            hidden_states,
+            self.lm_head.weight,
+            shift_labels.to(hidden_states.device),
+            bias=self.lm_head.bias,
+            ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch,
         )
 
 
