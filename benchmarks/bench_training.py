@@ -9,6 +9,8 @@ qwen3-next-style hybrid's count), batch 1, fp32, random tokens, loss on all of t
 
     python benchmarks/bench_training.py             # lengths 512, 2048, 8192 (about 15 min on 2 shared cores)
     python benchmarks/bench_training.py --quick     # smoke run, < 60 s
+    python benchmarks/bench_training.py --size tiny --hidden 64 --vocab 4096 --batch 16 --lengths 256 \
+        --archs qwen3-next-style,transformer       # the quickstart's text run (16 x 256 tokens per step)
 
 Our models train with their default loss, the chunked LM head + cross-entropy (`ops_cross_entropy.py`; no full
 logits); the row "qwen3-next-style (plain loss)" is the same model with `skip_logits=False` (full logits, then
@@ -68,7 +70,7 @@ def build_models(args: argparse.Namespace) -> dict[str, nn.Module]:
         max_position_embeddings=max(args.lengths) + 1,
     )
     torch.manual_seed(0)
-    headline = HybridForCausalLM(zoo_config(HEADLINE, "small", **shape))
+    headline = HybridForCausalLM(zoo_config(HEADLINE, args.size, **shape))
     target = count_parameters(headline)
 
     def matched(build: Callable[[int], nn.Module]) -> nn.Module:
@@ -80,7 +82,7 @@ def build_models(args: argparse.Namespace) -> dict[str, nn.Module]:
             models[name] = headline
         else:
             models[name] = matched(
-                lambda width, n=name: HybridForCausalLM(zoo_config(n, "small", **shape, intermediate_size=width))
+                lambda width, n=name: HybridForCausalLM(zoo_config(n, args.size, **shape, intermediate_size=width))
             )
     models["llama (transformers)"] = matched(
         lambda width: LlamaForCausalLM(LlamaConfig(**shape, intermediate_size=width, tie_word_embeddings=False))
@@ -125,6 +127,7 @@ def measure_peak_memory(args: argparse.Namespace, name: str, length: int) -> int
         sys.executable, __file__, "--memory-of", name, "--lengths", str(length), "--archs", ",".join(args.archs),
         "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--layers", str(args.layers),
         "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--threads", str(args.threads),
+        "--size", args.size, "--batch", str(args.batch),
     ]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -144,8 +147,8 @@ def memory_child(args: argparse.Namespace) -> None:
     del models
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    training_step(model, optimizer, torch.randint(0, args.vocab, (1, 16)), name == PLAIN)()
-    tokens = torch.randint(0, args.vocab, (1, max(args.lengths)), generator=torch.Generator().manual_seed(0))
+    training_step(model, optimizer, torch.randint(0, args.vocab, (args.batch, 16)), name == PLAIN)()
+    tokens = torch.randint(0, args.vocab, (args.batch, max(args.lengths)), generator=torch.Generator().manual_seed(0))
     print(f"PEAK_BYTES {peak_memory_of(training_step(model, optimizer, tokens, name == PLAIN))}", flush=True)
 
 
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--size", type=str, default="small", help="zoo size the shape options override")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--memory-of", type=str, default=None, help=argparse.SUPPRESS)  # internal: one child
     args = parser.parse_args(argv)
@@ -184,18 +189,18 @@ def main(argv: list[str] | None = None) -> None:
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         steppers[name] = (model, optimizer, name == PLAIN)
-        warm = torch.randint(0, args.vocab, (1, min(args.lengths)))
+        warm = torch.randint(0, args.vocab, (args.batch, min(args.lengths)))
         training_step(model, optimizer, warm, name == PLAIN)()  # allocator, optimizer state, lazy inits
 
     results: dict[str, dict[int, float]] = {name: {} for name in models}
     peak: dict[str, int | None] = {}
     for length in args.lengths:
-        tokens = torch.randint(0, args.vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        tokens = torch.randint(0, args.vocab, (args.batch, length), generator=torch.Generator().manual_seed(length))
         calls = {name: training_step(model, opt, tokens, plain) for name, (model, opt, plain) in steppers.items()}
         seconds = best_of(calls, repeats, args.clock)
         for name, sec in seconds.items():
-            results[name][length] = length / sec
-        print(f"  T={length}: " + ", ".join(f"{n} {length / s:,.0f} tok/s" for n, s in seconds.items()), flush=True)
+            results[name][length] = args.batch * length / sec
+        print(f"  T={length}: " + ", ".join(f"{n} {results[n][length]:,.0f} tok/s" for n in seconds), flush=True)
 
     long = max(args.lengths)
     if not args.no_memory:
@@ -219,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(headers, rows))
     print(
         f"\nshape: hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV, "
-        f"vocab {args.vocab}; {repeats} timed step(s) per cell after a warm-up, best kept; "
+        f"vocab {args.vocab}, zoo size {args.size}, batch {args.batch}; {repeats} timed step(s) per cell after a "
+        "warm-up, best kept; "
         f"load average at the end {load_average()}\n"
     )
     write_json(
@@ -240,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         if target is not None:
             name = f"{HEADLINE} / LlamaForCausalLM tokens/s at T={length}"
             print(ratio_line(name, ratio, f">= {target}x", ratio >= target))
+    if "transformer" in results:
+        ratio = ours[long] / results["transformer"][long]
+        print(f"RATIO {HEADLINE} / transformer (zoo) tokens/s at T={long}: {ratio:.2f}x (no target)")
     r_qwen = ours[long] / results[QWEN][long]
     print(ratio_line(f"{HEADLINE} / Qwen3NextForCausalLM tokens/s at T={long}", r_qwen, ">= 1.1x", r_qwen >= 1.1))
     if peak.get(HEADLINE) is not None and peak.get(LLAMA):
