@@ -3,7 +3,7 @@
 Each model (the zoo's "small" shape: hidden 256, 8 layers, vocab 32000, fp32, batch 1) and a `LlamaForCausalLM`
 of the same width, depth and parameter count is prefilled in chunks (`--prefill-chunk` tokens per forward, untimed)
 up to each context length in turn. At every length a copy of the cache decodes `--steps` single tokens through the
-model's own forward with `past_key_values` (what `generate()` calls each step, without its sampling bookkeeping);
+model's own forward with the cache (what `generate()` calls each step, without its sampling bookkeeping);
 each step is timed and the median is reported. Cache bytes: `HybridCache.state_bytes()` (recurrent states + KV) and
 the keys and values of Llama's `DynamicCache`.
 
@@ -41,6 +41,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from hybridzoo import HybridForCausalLM
 from hybridzoo.configs.zoo import ARCHITECTURES, zoo_config
+from hybridzoo.modeling import CACHE_NAME
 
 LLAMA = "llama (transformers)"
 
@@ -67,7 +68,7 @@ def prefill(model: nn.Module, cache, tokens: torch.Tensor, chunk: int):
     """Feed `tokens` `[1, T]` through the model in chunks, continuing `cache`; returns the cache."""
     for start in range(0, tokens.shape[1], chunk):
         piece = tokens[:, start : start + chunk]
-        cache = model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+        cache = getattr(model(input_ids=piece, **{CACHE_NAME: cache}, use_cache=True, logits_to_keep=1), CACHE_NAME)
     return cache
 
 
@@ -79,10 +80,10 @@ def decode_ms(model: nn.Module, cache, steps: int, clock: str, batch: int = 1) -
     times = []
     for _ in range(steps):
         start = now()
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **{CACHE_NAME: cache}, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         times.append(1e3 * (now() - start))
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_NAME)
     return times
 
 

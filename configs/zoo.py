@@ -16,10 +16,16 @@ from hybridzoo.modeling.configuration_hybrid import HybridConfig
 
 @dataclass(frozen=True)
 class Architecture:
-    pattern: str  # block letters, cycled over the depth (see HybridConfig's docstring for the letters)
+    """A named layout. `pattern` (block letters, see HybridConfig's docstring) is repeated a whole number of times
+    over the depth; only a source that itself cycles its pattern over any depth (RecurrentGemma) sets `cycle`, and an
+    architecture whose pattern does not divide a shared size's depth says its own depth in `sizes`."""
+
+    pattern: str
     summary: str
     source: str
     fields: dict = field(default_factory=dict)  # HybridConfig fields this architecture sets on top of the size
+    cycle: bool = False  # the source cycles the pattern and cuts it off at any depth
+    sizes: dict = field(default_factory=dict)  # size name -> fields that differ for this architecture (its depth)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -41,12 +47,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "griffin-style": Architecture(
         "RRS",
-        "2 RG-LRU : 1 sliding-window attention",
-        "De et al. 2024, Griffin (arXiv 2402.19427); RecurrentGemma",
+        "2 RG-LRU : 1 sliding-window attention, cycled over the depth",
+        "De et al. 2024, Griffin (arXiv 2402.19427); RecurrentGemma (cycles (R, R, A) over its 26 layers)",
         {"sliding_window": 2048},
+        cycle=True,
     ),
     "xlstm": Architecture(
-        "MMMMMMMX", "mLSTM with sLSTM at 7:1", "Beck et al. 2024, xLSTM (arXiv 2405.04517), the xLSTM[7:1] model"
+        "MMMMMMMX",
+        "mLSTM with sLSTM at 7:1",
+        "Beck et al. 2024, xLSTM (arXiv 2405.04517), the xLSTM[7:1] model",
+        sizes={"base": {"num_hidden_layers": 16}},  # 7:1 needs a multiple of 8 layers
     ),
 }
 
@@ -103,7 +113,7 @@ def zoo_config(name: str, size: str = "small", **overrides) -> HybridConfig:
     if size not in SIZES:
         raise _unknown("size", size, SIZES)
     architecture = ARCHITECTURES[name]
-    fields = dict(SIZES[size])
+    fields = dict(SIZES[size]) | architecture.sizes.get(size, {})
     window_cap = fields.pop("sliding_window_cap", None)
     extra = dict(architecture.fields)
     value_heads_factor = extra.pop("linear_value_heads_factor", 1)
@@ -115,11 +125,21 @@ def zoo_config(name: str, size: str = "small", **overrides) -> HybridConfig:
         key_heads = fields.get("linear_num_key_heads") or fields["num_attention_heads"]
         fields["linear_num_value_heads"] = key_heads * value_heads_factor
     if "block_types" not in overrides and "block_pattern" not in overrides:
-        depth = fields["num_hidden_layers"]
-        fields["block_types"] = [
-            BLOCK_LETTERS[architecture.pattern[i % len(architecture.pattern)]] for i in range(depth)
-        ]
+        fields["block_types"] = layout(name, fields["num_hidden_layers"])
     return HybridConfig(**fields)
+
+
+def layout(name: str, depth: int) -> list[str]:
+    """The block of each of `depth` layers of architecture `name`: its pattern repeated (or cycled, if its source
+    cycles it); a depth that would cut a repeating pattern short is an error."""
+    architecture = ARCHITECTURES[name]
+    pattern = architecture.pattern
+    if not architecture.cycle and depth % len(pattern) != 0:
+        raise ValueError(
+            f"`num_hidden_layers` = {depth} is not a multiple of {name}'s pattern {pattern!r} ({len(pattern)} layers): "
+            f"its source repeats the pattern whole. Choose a multiple of {len(pattern)}."
+        )
+    return [BLOCK_LETTERS[pattern[i % len(pattern)]] for i in range(depth)]
 
 
 def describe(config: HybridConfig, dtype_bytes: int = 4) -> dict:

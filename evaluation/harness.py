@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hybridzoo.configs.zoo import ARCHITECTURES, describe, zoo_config
+from hybridzoo.modeling import CACHE_NAME
 
 from . import plots
 from .metrics import Accumulator, evaluate_task, loss_by_position, score_batch, wilson_interval
@@ -304,12 +305,12 @@ def decode_cost(model, length: int, new_tokens: int = 16, seed: int = 0) -> dict
         start = time.perf_counter()
         out = model(input_ids=ids, use_cache=True)
         prefill = time.perf_counter() - start
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_NAME)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=token, **{CACHE_NAME: cache}, use_cache=True)
+            cache = getattr(out, CACHE_NAME)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         decode = time.perf_counter() - start
     sizes = cache.state_bytes() if hasattr(cache, "state_bytes") else {"recurrent": None, "kv": None}

@@ -9,12 +9,16 @@ Word-based tasks (passkey, NIAH, variable tracking, copy, parity) also render th
 `task.text_examples(n, seed) -> [{"prompt", "answer", ...}]`, scored by the log-likelihood of the answer for models
 with a real tokenizer (lm-eval's `loglikelihood`). Their `seq_len` counts word tokens of the task's own vocabulary.
 
-Tasks (see /work/shared/research/evaluation.md for the sources):
-- `mqar`: Zoology's multi-query associative recall (Arora et al. 2023), generator ported exactly.
+Tasks and their sources:
+- `mqar`: Zoology's multi-query associative recall (Arora et al. 2023, arXiv 2312.04927; generator as in the public
+  repository HazyResearch/zoology).
 - `forgetting_mqar`: MQAR where some keys are re-assigned after the kv block; the newest value is the answer.
-- `passkey` (= S-NIAH-1), `niah_single_2` (a 7-digit number in a diverse haystack), `niah_single_3` (a long hex id in
-  a diverse haystack), `niah_multikey` (distractor needles; MK-NIAH-1): needle at `depth` of a `seq_len` context.
-- `variable_tracking` (RULER's VT: chains of `VAR X = VAR Y` hops), `copy`, `parity` (state tracking).
+- `passkey` (= S-NIAH-1; Mohtashami & Jaggi 2023, arXiv 2305.16300), `niah_single_2` (a 7-digit number in a diverse
+  haystack), `niah_single_3` (a long hex id in a diverse haystack), `niah_multikey` (distractor needles; MK-NIAH-1):
+  needle at `depth` of a `seq_len` context.
+  The NIAH variants and `variable_tracking` follow RULER (Hsieh et al. 2024, arXiv 2404.06654; NVIDIA/RULER).
+- `variable_tracking` (RULER's VT: chains of `VAR X = VAR Y` hops), `copy` (Jelassi et al. 2024, arXiv 2402.01032),
+  `parity` (state tracking; Deletang et al. 2023, arXiv 2207.02098).
 - `lm_stream`: a synthetic document stream whose entity names recur, for loss by position and length extrapolation.
 """
 

@@ -8,6 +8,10 @@ The cache also counts the tokens it has seen, so models with no attention layer 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+
 import torch
 from transformers.cache_utils import (
     Cache,
@@ -15,6 +19,33 @@ from transformers.cache_utils import (
     DynamicSlidingWindowLayer,
     LinearAttentionCacheLayerMixin,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
+
+# transformers 5.24 renamed the cache, as a `forward` argument, a mask-function argument and a model-output field, from
+# `past_key_values` to `cache` (the old name goes in 5.40). `CACHE_NAME` is the installed version's name; our models
+# take the cache as `cache` on every version and accept `past_key_values` too (`accepts_past_key_values`).
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def accepts_past_key_values(forward: Callable) -> Callable:
+    """Let a `forward(..., cache=...)` also be called with `past_key_values=` (what `generate()` passes before 5.24).
+
+    Where transformers has the new name, the old one gets transformers' own deprecation notice, as its models give.
+    """
+    if CACHE_NAME == "cache":
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_with_old_name(*args, **kwargs):
+        old = kwargs.pop("past_key_values", None)
+        if old is not None:
+            if kwargs.get("cache") not in (None, old):
+                raise ValueError("Pass the cache once: as `cache` or as `past_key_values`, not both.")
+            kwargs["cache"] = old
+        return forward(*args, **kwargs)
+
+    return forward_with_old_name
 
 
 class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
@@ -76,7 +107,12 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
 
 
 class HybridCache(Cache):
-    """Cache for `HybridModel`: one layer per model layer, chosen from `config.layer_types`."""
+    """Cache for `HybridModel`: one layer per model layer, chosen from `config.layer_types`.
+
+    Not `DynamicCache(config=...)`: its linear-attention layers hold one conv + one recurrent tensor per slot with the
+    same slot count in every layer, while our blocks keep 1 to 5 state tensors of their own shapes, and it counts
+    tokens through attention layers only (an attention-free model has none). The layers themselves are transformers'.
+    """
 
     def __init__(self, config) -> None:
         layers = []

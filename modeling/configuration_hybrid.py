@@ -69,7 +69,7 @@ class HybridConfig(PreTrainedConfig):
     """
 
     model_type = "hybridzoo"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the cache's name since / before transformers 5.24
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
@@ -234,8 +234,13 @@ class HybridConfig(PreTrainedConfig):
                     f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
                     f"`num_key_value_heads` ({self.num_key_value_heads}): each KV head serves a whole group."
                 )
-            if self.head_dim % 2 != 0:
-                raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+            factor = self.rope_parameters.get("partial_rotary_factor", 1.0)
+            if not 0 < factor <= 1 or int(self.head_dim * factor) % 2 != 0 or int(self.head_dim * factor) == 0:
+                raise ValueError(
+                    f"`partial_rotary_factor` ({factor}) must be in (0, 1] and rotate an even, non-zero number of "
+                    f"the `head_dim` ({self.head_dim}) channels: int(head_dim * factor) = "
+                    f"{int(self.head_dim * factor)}."
+                )
         if "sliding_attention" in blocks and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ValueError(
                 f"`sliding_window` must be a positive integer when `block_types` has sliding_attention blocks, "

@@ -74,7 +74,11 @@ class HybridMLP(nn.Module):
 
 
 class HybridRotaryEmbedding(nn.Module):
-    """RoPE cos/sin tables from `config.rope_parameters` (any rope type transformers knows)."""
+    """RoPE cos/sin tables from `config.rope_parameters` (any rope type transformers knows).
+
+    With `partial_rotary_factor` < 1 the tables cover only the first `int(head_dim * factor)` channels of each head
+    (Qwen3-Next: 0.25); the rest pass through unrotated (`apply_rotary_pos_emb`).
+    """
 
     inv_freq: torch.Tensor
 
@@ -94,7 +98,7 @@ class HybridRotaryEmbedding(nn.Module):
     @staticmethod
     def compute_default_rope_parameters(config, **kwargs) -> tuple[torch.Tensor, float]:
         base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         return inv_freq, 1.0
 
@@ -116,6 +120,13 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate `q`, `k` `[B, H, T, D]` by the `[B, T, D]` tables."""
+    """Rotate `q`, `k` `[B, H, T, D]` by the `[B, T, R]` tables: the first R <= D channels (partial rotary)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == q.shape[-1]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_rot = q_rot * cos + rotate_half(q_rot) * sin
+    k_rot = k_rot * cos + rotate_half(k_rot) * sin
+    return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)

@@ -10,12 +10,8 @@ import torch
 from torch import nn
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    CausalLMOutputWithPast,
-    SequenceClassifierOutputWithPast,
-)
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -23,7 +19,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .block_attention import HybridAttention
 from .blocks import BLOCK_CLASSES
-from .cache_hybrid import HybridCache
+from .cache_hybrid import CACHE_NAME, HybridCache, accepts_past_key_values
 from .configuration_hybrid import HybridConfig
 from .layers import HybridMLP, HybridRMSNorm, HybridRotaryEmbedding
 from .ops_cross_entropy import chunked_linear_cross_entropy, shift_labels_for_causal_lm
@@ -47,7 +43,7 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: HybridCache | None = None,
+        cache: HybridCache | None = None,
         padding_mask: torch.Tensor | None = None,
         reset: torch.Tensor | None = None,
         **kwargs,
@@ -55,16 +51,16 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         if self.mixer.is_recurrent:
-            state = past_key_values.get_block_state(self.layer_idx) if past_key_values is not None else None
+            state = cache.get_block_state(self.layer_idx) if cache is not None else None
             hidden_states, state = self.mixer(hidden_states, state, mask=padding_mask, reset=reset)
-            if past_key_values is not None:
-                past_key_values.set_block_state(self.layer_idx, state)
+            if cache is not None:
+                cache.set_block_state(self.layer_idx, state)
         else:
             hidden_states, _ = self.mixer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
         hidden_states = residual + hidden_states
@@ -78,7 +74,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -127,6 +123,7 @@ class HybridModel(HybridPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -134,7 +131,7 @@ class HybridModel(HybridPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HybridCache | None = None,
+        cache: HybridCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -143,17 +140,16 @@ class HybridModel(HybridPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = HybridCache(self.config)
-        if past_key_values is not None and not hasattr(past_key_values, "get_block_state"):
+        if use_cache and cache is None:
+            cache = HybridCache(self.config)
+        if cache is not None and not hasattr(cache, "get_block_state"):
             raise TypeError(
-                f"`past_key_values` must be a hybridzoo `HybridCache` (got {type(past_key_values).__name__}): "
-                "recurrent "
-                "layers keep a fixed-size state a plain DynamicCache cannot hold. Pass `use_cache=True` and reuse the "
-                "returned `past_key_values`, or build one with `HybridCache(model.config)`."
+                f"`{CACHE_NAME}` must be a hybridzoo `HybridCache` (got {type(cache).__name__}): recurrent layers keep "
+                "a fixed-size state a plain DynamicCache cannot hold. Pass `use_cache=True` and reuse the returned "
+                f"`{CACHE_NAME}`, or build one with `HybridCache(model.config)`."
             )
         batch, length = inputs_embeds.shape[:2]
-        past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         padding_mask, reset = self._recurrent_masks(attention_mask, position_ids, batch, length, past_seen_tokens)
         if position_ids is None:
             position_ids = torch.arange(length, device=inputs_embeds.device) + past_seen_tokens
@@ -167,13 +163,18 @@ class HybridModel(HybridPreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                CACHE_NAME: cache,
                 "position_ids": position_ids,
             }
-            if "full_attention" in self.config.layer_types:
-                layer_masks["full_attention"] = create_causal_mask(**mask_kwargs)
-            if "sliding_attention" in self.config.layer_types:
-                layer_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            # `layer_idx` names the cache layer to size each mask by (left to transformers, an older release can pick a
+            # recurrent layer)
+            layer_types = self.config.layer_types
+            if "full_attention" in layer_types:
+                layer_idx = layer_types.index("full_attention")
+                layer_masks["full_attention"] = create_causal_mask(**mask_kwargs, layer_idx=layer_idx)
+            if "sliding_attention" in layer_types:
+                layer_idx = layer_types.index("sliding_attention")
+                layer_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs, layer_idx=layer_idx)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids) if self.has_attention else None
@@ -182,15 +183,15 @@ class HybridModel(HybridPreTrainedModel):
                 hidden_states,
                 attention_mask=layer_masks.get(decoder_layer.mixer.layer_type),
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 padding_mask=padding_mask,
                 reset=reset,
                 **kwargs,
             )
-        if past_key_values is not None:
-            past_key_values.seen_tokens += length
+        if cache is not None:
+            cache.seen_tokens += length
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
     @staticmethod
     def _recurrent_masks(
@@ -230,13 +231,14 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @accepts_past_key_values
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HybridCache | None = None,
+        cache: HybridCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -253,7 +255,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -272,7 +274,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -312,56 +314,16 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         )
 
 
-class HybridForSequenceClassification(HybridPreTrainedModel):
-    """Classifies a sequence from the hidden state of its last real (non-padding) token."""
+class HybridForSequenceClassification(GenericForSequenceClassification, HybridPreTrainedModel):
+    """Classifies a sequence from the hidden state of its last non-padding token (transformers' generic head)."""
 
     def __init__(self, config: HybridConfig) -> None:
-        super().__init__(config)
+        # the generic head builds its body with `AutoModel.from_config`, which a remote-code load cannot resolve
+        HybridPreTrainedModel.__init__(self, config)
         self.num_labels = config.num_labels
         self.model = HybridModel(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        **kwargs,
-    ) -> SequenceClassifierOutputWithPast:
-        outputs: BaseModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            **kwargs,
-        )
-        logits = self.score(outputs.last_hidden_state)
-        batch = logits.shape[0]
-        last_index = self._last_token_index(input_ids, attention_mask, logits.shape[1], logits.device)
-        pooled_logits = logits[torch.arange(batch, device=logits.device), last_index]
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
-        return SequenceClassifierOutputWithPast(
-            loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-
-    def _last_token_index(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, length: int, device: torch.device
-    ) -> torch.Tensor:
-        """Index of each row's last real token (works for left and right padding)."""
-        if attention_mask is not None and attention_mask.ndim == 2:
-            positions = torch.arange(length, device=device)
-            return (attention_mask.to(device).bool() * positions).argmax(-1)
-        if input_ids is not None and self.config.pad_token_id is not None:
-            positions = torch.arange(length, device=device)
-            return ((input_ids != self.config.pad_token_id).to(device) * positions).argmax(-1)
-        return torch.full((input_ids.shape[0] if input_ids is not None else 1,), length - 1, device=device)
 
 
 # `save_pretrained` copies this folder's code next to the weights and writes an `auto_map`, so that

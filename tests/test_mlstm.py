@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hybridzoo import HybridConfig, HybridForCausalLM
+from hybridzoo.modeling import CACHE_NAME
 from hybridzoo.modeling.block_mlstm import HybridMLSTM
 from hybridzoo.modeling.ops_mlstm import chunk_mlstm, mlstm, naive_recurrent_mlstm, recurrent_mlstm
 from tiny_models import tiny_config
@@ -246,7 +247,7 @@ def test_model_split_forward_and_generate(pattern, input_gate):
     with torch.no_grad():
         full = model(input_ids, use_cache=False).logits
         first = model(input_ids[:, :6], use_cache=True)
-        second = model(input_ids[:, 6:], past_key_values=first.past_key_values, use_cache=True)
+        second = model(input_ids[:, 6:], **{CACHE_NAME: getattr(first, CACHE_NAME)}, use_cache=True)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], dim=1), full, atol=2e-5, rtol=1e-4)
     generated = model.generate(input_ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     without_cache = model.generate(input_ids, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False)

@@ -9,6 +9,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from hybridzoo import HybridForCausalLM
+from hybridzoo.modeling import CACHE_NAME
 from tiny_models import ALL_PATTERNS, PAD, tiny_config
 
 
@@ -36,8 +37,8 @@ def test_full_forward_equals_any_split(pattern):
             sizes = _random_split(input_ids.shape[1], torch.Generator().manual_seed(seed))
             cache, pieces, start = None, [], 0
             for size in sizes:
-                out = model(input_ids[:, start : start + size], past_key_values=cache, use_cache=True)
-                cache, start = out.past_key_values, start + size
+                out = model(input_ids[:, start : start + size], **{CACHE_NAME: cache}, use_cache=True)
+                cache, start = getattr(out, CACHE_NAME), start + size
                 pieces.append(out.logits)
             torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=2e-5, rtol=1e-4, msg=f"split {sizes}")
 
@@ -114,7 +115,7 @@ def test_packed_documents_do_not_see_each_other():
 def test_cache_holds_kv_only_for_attention_layers():
     model = _model("GLSA")
     out = model(torch.randint(3, 64, (2, 9)), use_cache=True)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_NAME)
     assert cache.get_seq_length() == 9
     assert cache.layers[2].keys.shape[-2] <= model.config.sliding_window  # sliding window keeps only the window
     assert cache.layers[3].keys.shape[-2] == 9

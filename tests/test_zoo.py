@@ -6,6 +6,7 @@ import torch
 from hybridzoo import HybridForCausalLM
 from hybridzoo.cli import main
 from hybridzoo.configs.zoo import ARCHITECTURES, SIZES, describe, zoo_config
+from hybridzoo.modeling import CACHE_NAME
 
 EXPECTED_MILLIONS = {"small": (15, 35), "base": (95, 180), "large": (700, 1500)}
 
@@ -39,7 +40,7 @@ def test_state_and_kv_formulas_match_the_cache_after_prefill(name):
     model = HybridForCausalLM(config).eval()
     length = 96  # longer than the tiny sliding window, to see it capped
     with torch.no_grad():
-        cache = model(torch.randint(0, config.vocab_size, (1, length)), use_cache=True).past_key_values
+        cache = getattr(model(torch.randint(0, config.vocab_size, (1, length)), use_cache=True), CACHE_NAME)
     info = describe(config, dtype_bytes=4)
     measured = cache.state_bytes()
     assert measured["recurrent"] == info["recurrent_state_bytes"]
@@ -72,3 +73,27 @@ def test_cli_lists_the_zoo_and_shows_a_config(capsys):
     main(["zoo", "show", "lstm-attention", "--size", "tiny"])
     shown = capsys.readouterr().out
     assert '"block_types"' in shown and '"lstm"' in shown
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_every_size_has_the_sources_layout(name, size):
+    """Count the layers: the pattern repeated whole (xLSTM[7:1] is 7:1 at every size), or cycled where the source
+    itself cycles it (RecurrentGemma's (R, R, A) over 26 layers)."""
+    from hybridzoo.modeling.blocks import BLOCK_CLASSES
+
+    architecture = ARCHITECTURES[name]
+    config = zoo_config(name, size)
+    letters = "".join(BLOCK_CLASSES[block].pattern_letter for block in config.block_types)
+    depth, period = config.num_hidden_layers, len(architecture.pattern)
+    if not architecture.cycle:
+        assert depth % period == 0, f"{name} {size}: {depth} layers cut the pattern {architecture.pattern!r}"
+    assert letters == (architecture.pattern * (depth // period + 1))[:depth]
+
+
+
+
+def test_a_depth_that_cuts_a_repeating_pattern_is_rejected():
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        zoo_config("xlstm", "tiny", num_hidden_layers=12)
+    assert len(zoo_config("griffin-style", "tiny", num_hidden_layers=7).block_types) == 7  # the source cycles
