@@ -71,7 +71,8 @@ class _ShortConv(torch.autograd.Function):
         grad_history = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_history = history.new_empty(history.shape, dtype=grad_y.dtype)
-            torch.mul(grad_y, weight[:, -1], out=grad_history[:, width - 1 :])
+            # copy then scale in place (no full-size temporary; `out=` into a strided view would stop torch.compile)
+            grad_history[:, width - 1 :].copy_(grad_y).mul_(weight[:, -1])
             grad_history[:, : width - 1].zero_()  # only the K - 1 state rows; the rest is written by the first tap
             for shift in range(1, width):
                 grad_tap = grad_y if keeps is None else grad_y * keeps[shift - 1]
