@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hybridzoo.modeling.blocks import BLOCK_LETTERS
+from hybridzoo.modeling.blocks import BLOCK_CLASSES, BLOCK_LETTERS
 from hybridzoo.modeling.configuration_hybrid import HybridConfig
 
 
@@ -57,6 +57,21 @@ ARCHITECTURES: dict[str, Architecture] = {
         "mLSTM with sLSTM at 7:1",
         "Beck et al. 2024, xLSTM (arXiv 2405.04517), the xLSTM[7:1] model",
         sizes={"base": {"num_hidden_layers": 16}},  # 7:1 needs a multiple of 8 layers
+    ),
+    "paragru": Architecture(
+        "U",
+        "all ParaGRU (GRU with diagonal recurrence), trained by Newton's method",
+        "Danieli et al. 2025, ParaRNN (arXiv 2510.21450), the ParaGRU model",
+    ),
+    "paralstm": Architecture(
+        "P",
+        "all ParaLSTM (CIFG LSTM, diagonal recurrence, peepholes), trained by Newton's method",
+        "Danieli et al. 2025, ParaRNN (arXiv 2510.21450), the ParaLSTM model",
+    ),
+    "paralstm-attention": Architecture(
+        "PPPA",
+        "3 ParaLSTM : 1 full attention",
+        "the ParaLSTM analogue of the 3:1 hybrids above (ParaRNN's cell, Qwen3-Next's ratio)",
     ),
 }
 
@@ -129,6 +144,15 @@ def zoo_config(name: str, size: str = "small", **overrides) -> HybridConfig:
     return HybridConfig(**fields)
 
 
+def two_layer_pattern(name: str) -> str:
+    """Architecture `name` at Zoology's 2 layers (MQAR): a single-block architecture twice, a hybrid one layer of each
+    of its kinds (its pattern's first and last letters), so a 2-layer "qwen3-next-style" keeps its attention layer."""
+    pattern = ARCHITECTURES[name].pattern if name in ARCHITECTURES else None
+    if pattern is None:
+        raise _unknown("architecture", name, ARCHITECTURES)
+    return pattern[0] + pattern[-1]
+
+
 def layout(name: str, depth: int) -> list[str]:
     """The block of each of `depth` layers of architecture `name`: its pattern repeated (or cycled, if its source
     cycles it); a depth that would cut a repeating pattern short is an error."""
@@ -148,8 +172,6 @@ def describe(config: HybridConfig, dtype_bytes: int = 4) -> dict:
     Each block class states its own formulas (`parameter_count`, `state_bytes`/`state_formula`,
     `kv_bytes_per_token`/`kv_formula`); the tests check them against an instantiated model and a filled cache.
     """
-    from hybridzoo.modeling.blocks import BLOCK_CLASSES
-
     hidden = config.hidden_size
     parameters = config.vocab_size * hidden + hidden  # embeddings + final norm
     if not config.tie_word_embeddings:
@@ -178,16 +200,26 @@ def describe(config: HybridConfig, dtype_bytes: int = 4) -> dict:
     }
 
 
+def block_config(block_type: str, size: str = "small", **overrides) -> HybridConfig:
+    """A model of `size` made of `block_type` layers only (with each field at its default): the block's sizes alone."""
+    if block_type not in BLOCK_CLASSES:
+        raise _unknown("block", block_type, BLOCK_CLASSES)
+    if size not in SIZES:
+        raise _unknown("size", size, SIZES)
+    fields = dict(SIZES[size])
+    fields["sliding_window"] = min(2048, fields.pop("sliding_window_cap", 2048))
+    fields.update(overrides)
+    return HybridConfig(**fields, block_types=[block_type] * fields["num_hidden_layers"])
+
+
 def zoo_table(size: str = "small") -> str:
-    """A markdown table of every architecture at `size` (float32 state)."""
+    """Markdown tables of every architecture and every registered block at `size` (float32 state)."""
     lines = [
         f"| architecture | params ({size}) | layer pattern | recurrent state / sequence | KV cache / token | source |",
         "|---|---:|---|---:|---:|---|",
     ]
-    formulas = {}
     for name, architecture in ARCHITECTURES.items():
         info = describe(zoo_config(name, size))
-        formulas.update(info["formulas"])
         kv = f"{info['kv_bytes_per_token']:,} B" if info["kv_bytes_per_token"] else "0"
         if info["sliding_window"]:
             kv += f" (window {info['sliding_window']})"
@@ -195,15 +227,28 @@ def zoo_table(size: str = "small") -> str:
             f"| {name} | {info['parameters'] / 1e6:,.1f}M | {info['pattern']} | "
             f"{info['recurrent_state_bytes']:,} B | {kv} | {architecture.source} |"
         )
-    lines.append("")
-    lines.append("Formulas per layer (b = bytes per element of the model dtype; state matrices are float32):")
-    lines += [f"- `{block}`: {formula}" for block, formula in sorted(formulas.items())]
+    lines += [
+        "",
+        f"Blocks (one layer at size {size}; b = bytes per element of the model dtype; state matrices are float32):",
+        "",
+        "| letter | block | params / layer | state / sequence | KV cache / token | formula | LoRA targets |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for name, block in BLOCK_CLASSES.items():
+        config = block_config(name, size)
+        state = f"{block.state_bytes(config, 4):,} B" if block.is_recurrent else "0"
+        kv = "0" if block.is_recurrent else f"{block.kv_bytes_per_token(config, 4):,} B"
+        formula = block.state_formula if block.is_recurrent else block.kv_formula
+        targets = ", ".join((*block.lora_targets, *block.lora_custom_targets)) or "none"
+        lines.append(
+            f"| {block.pattern_letter} | {name} | {block.parameter_count(config):,} | {state} | {kv} | {formula} | "
+            f"{targets} |"
+        )
     return "\n".join(lines)
 
 
-def add_subcommand(subparsers) -> None:
+def add_arguments(parser) -> None:
     """`hybridzoo zoo [--size S]` lists the zoo; `hybridzoo zoo show NAME [--size S]` prints one full config."""
-    parser = subparsers.add_parser("zoo", help="list the zoo's architectures, or show one config")
     parser.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     parser.add_argument("name", nargs="?", help="architecture name (for `show`)")
     parser.add_argument("--size", default="small", choices=list(SIZES))

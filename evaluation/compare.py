@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hybridzoo.configs.zoo import ARCHITECTURES, zoo_config
+from hybridzoo.configs.zoo import ARCHITECTURES, two_layer_pattern, zoo_config
 
 from .harness import make_rows, model_info, write_outputs
 from .metrics import evaluate_task
@@ -47,8 +47,9 @@ def compare_config(architecture: str, d_model: int, settings: CompareSettings):
     """The 2-layer, MLP-free config of `architecture` at width `d_model` (heads as in Zoology's trade-off sweep)."""
     longest = max(t for t, _ in settings.train_slices + (settings.test_slices or []))
     return zoo_config(architecture, "tiny", vocab_size=settings.vocab_size, hidden_size=d_model, num_hidden_layers=2,
-                      intermediate_size=0, num_attention_heads=settings.num_heads,
-                      num_key_value_heads=settings.num_heads, max_position_embeddings=max(2048, longest))
+                      block_pattern=two_layer_pattern(architecture), intermediate_size=0,
+                      num_attention_heads=settings.num_heads, num_key_value_heads=settings.num_heads,
+                      max_position_embeddings=max(2048, longest))
 
 
 def _slice_task(settings: CompareSettings, seq_len: int, num_kv_pairs: int):
@@ -80,12 +81,16 @@ def run_compare(settings: CompareSettings, log=print) -> tuple[list[dict], dict[
                 metrics = evaluate_task(model, task, settings.test_examples, seed=settings.seed + 10_000)
                 cell = {"num_kv_pairs": kv, "train_seconds": seconds, "train_steps": settings.steps,
                         "eval_seconds": time.perf_counter() - start, "chance": chance_accuracy(task),
-                        "final_train_loss": model.training_log["final_loss"]}
+                        "final_train_loss": model.training_log["final_loss"],
+                        **{k: v for k, v in model.training_log.items() if k.startswith("newton_")}}
                 rows += make_rows(info, settings.task, seq_len, settings.seed, metrics, **cell)
                 accuracy = next(m for m in metrics if m["metric"] == "accuracy")
                 log(f"{label} (T={seq_len}, kv={kv}): accuracy {accuracy['value']:.3f} "
                     f"[{accuracy['ci_low']:.3f}, {accuracy['ci_high']:.3f}] n={accuracy['n']}, "
-                    f"trained {seconds:.0f} s")
+                    f"trained {seconds:.0f} s"
+                    + (f", Newton iterations mean {model.training_log['newton_mean_iterations']:.2f} max "
+                       f"{model.training_log['newton_max_iterations']}, fallbacks "
+                       f"{model.training_log['newton_fallbacks']}" if "newton_solves" in model.training_log else ""))
             # rewrite the results after every model, so a long grid that is stopped keeps what it measured
             write_outputs(rows, {}, settings.output_dir, title=f"hybridzoo compare ({settings.task}, partial)")
     out = Path(settings.output_dir)
@@ -137,9 +142,9 @@ def _slices(text: list[str]) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"slices look like 64:4 (seq_len:num_kv_pairs), got {text}") from error
 
 
-def add_compare_subcommand(subparsers) -> None:
+def add_arguments(parser) -> None:
+    """`hybridzoo compare [--architectures ...] [--task ...] ...`: train zoo architectures side by side."""
     defaults = CompareSettings()
-    parser = subparsers.add_parser("compare", help="train zoo architectures on one synthetic task, side by side")
     parser.add_argument("--architectures", nargs="+", default=defaults.architectures, choices=list(ARCHITECTURES))
     parser.add_argument("--task", default=defaults.task, choices=["mqar", "forgetting_mqar"])
     parser.add_argument("--slices", nargs="+", default=[f"{t}:{kv}" for t, kv in defaults.train_slices],

@@ -463,9 +463,8 @@ def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "output
     return write_outputs(rows, curves, out_dir, kwargs.get("train_length", 256), title=f"hybridzoo eval ({suite})")
 
 
-def add_subcommand(subparsers) -> None:
-    """`hybridzoo eval MODEL... --suite ...` and `hybridzoo compare ...` (compare lives in compare.py)."""
-    parser = subparsers.add_parser("eval", help="run the retrieval / long-context eval suites on models")
+def add_arguments(parser) -> None:
+    """`hybridzoo eval MODEL... --suite ...`."""
     parser.add_argument("models", nargs="+", help="saved model folders or zoo architecture names (untrained)")
     parser.add_argument("--suite", choices=SUITES, default="retrieval")
     parser.add_argument("--lengths", type=int, nargs="+", help="context lengths for the needle tasks and MQAR slices")
@@ -498,6 +497,3 @@ def add_subcommand(subparsers) -> None:
         return 0
 
     parser.set_defaults(handler=handler)
-    from .compare import add_compare_subcommand
-
-    add_compare_subcommand(subparsers)

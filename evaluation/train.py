@@ -73,4 +73,19 @@ def train_on_task(
             bar.set_postfix(loss=f"{smoothed:.3f}")
     model.eval()
     model.training_log = {"final_loss": smoothed, "seconds": time.perf_counter() - start, "steps": steps}
+    model.training_log.update(newton_summary(model))
     return model
+
+
+def newton_summary(model) -> dict:
+    """Newton iterations seen by the model's ParaRNN blocks (`newton_totals`), or {} when it has none."""
+    totals = [m.newton_totals for m in model.modules() if hasattr(m, "newton_totals") and m.newton_totals["solves"]]
+    if not totals:
+        return {}
+    solves = sum(t["solves"] for t in totals)
+    return {
+        "newton_mean_iterations": sum(t["iterations"] for t in totals) / solves,
+        "newton_max_iterations": max(t["max_iterations"] for t in totals),
+        "newton_fallbacks": sum(t["fallbacks"] for t in totals),
+        "newton_solves": solves,
+    }

@@ -319,9 +319,8 @@ def describe_push(result: PushResult) -> str:
     return "\n".join(lines)
 
 
-def add_subcommand(subparsers) -> None:
+def add_arguments(parser) -> None:
     """`hybridzoo push MODEL_DIR --repo-id OWNER/NAME [--private] [--revision B] [--create-pr] [--dry-run]`."""
-    parser = subparsers.add_parser("push", help="upload a saved model or adapter folder to the Hugging Face Hub")
     parser.add_argument("model_dir", help="a folder written by save_pretrained / a training recipe")
     parser.add_argument("--repo-id", required=True, help="OWNER/NAME on the Hub")
     parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from hybridzoo.configs.zoo import describe, zoo_config
+from hybridzoo.configs.zoo import describe, two_layer_pattern, zoo_config
 
 
 @dataclass
@@ -88,9 +88,8 @@ def train_models(settings: QuickstartSettings, out: Path) -> dict[str, dict[str,
                 overrides.append(f"tokenizer.vocab_size={tokenizer_vocab}")
             else:
                 # Zoology's MQAR setting: 2 layers, 2 heads, no MLP; a hybrid keeps one layer of each of its kinds
-                pattern = describe(zoo_config(name, settings.size))["pattern"]
                 overrides += [
-                    f"model.overrides.block_pattern={pattern[0] + pattern[-1]}",
+                    f"model.overrides.block_pattern={two_layer_pattern(name)}",
                     "model.overrides.num_attention_heads=2",
                     "model.overrides.num_key_value_heads=2",
                 ]
@@ -272,9 +271,8 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
     return summary
 
 
-def add_subcommand(subparsers) -> None:
+def add_arguments(parser) -> None:
     """`hybridzoo quickstart [--text-steps N ...]`: every `QuickstartSettings` field is a flag."""
-    parser = subparsers.add_parser("quickstart", help="train, evaluate, publish and reload a small hybrid, end to end")
     for setting in fields(QuickstartSettings):
         parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default)
 

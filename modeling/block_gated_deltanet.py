@@ -16,6 +16,15 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .block_base import (
+    BlockField,
+    HybridBlock,
+    is_bool,
+    is_int_or_none,
+    is_positive_int,
+    is_positive_int_or_none,
+    require_positive_ints,
+)
 from .layers import HybridRMSNormGated, init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_gated_delta import gated_delta_rule
@@ -26,10 +35,37 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
-class HybridGatedDeltaNet(nn.Module):
-    layer_type = "linear_attention"
+class HybridGatedDeltaNet(HybridBlock):
+    block_type = "gated_deltanet"
     pattern_letter = "G"
-    is_recurrent = True
+    # field names and defaults as in transformers' `Qwen3NextConfig`
+    config_fields = (
+        BlockField("linear_num_key_heads", None, "q/k heads (default: `num_attention_heads`)",
+                   is_int_or_none, "must be an integer or None", default_from="num_attention_heads"),
+        BlockField("linear_num_value_heads", None, "value heads, a multiple of the q/k heads (GVA; default: equal)",
+                   is_int_or_none, "must be an integer or None", default_from="linear_num_key_heads"),
+        BlockField("linear_key_head_dim", None, "q/k head width (default: `head_dim`)", is_int_or_none,
+                   "must be an integer or None", default_from="head_dim"),
+        BlockField("linear_value_head_dim", None, "value head width (default: `linear_key_head_dim`)",
+                   is_int_or_none, "must be an integer or None", default_from="linear_key_head_dim"),
+        BlockField("linear_conv_kernel_dim", 4, "width of the causal depthwise conv", is_positive_int,
+                   "must be a positive integer"),
+        BlockField("linear_chunk_size", None, "chunk length of the parallel form (None: 32 on CPU, 64 on GPU)",
+                   is_positive_int_or_none, "must be a positive integer or None"),
+        BlockField("linear_allow_neg_eigval", False, "beta in (0, 2) instead of (0, 1): negative eigenvalues",
+                   is_bool, "must be True or False"),
+    )
+    lora_targets = ("q_proj", "k_proj", "v_proj", "z_proj", "b_proj", "a_proj", "o_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        names = ["linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"]
+        require_positive_ints(config, names, "gated_deltanet")
+        if config.linear_num_value_heads % config.linear_num_key_heads != 0:
+            raise ValueError(
+                f"`linear_num_value_heads` ({config.linear_num_value_heads}) must be a multiple of "
+                f"`linear_num_key_heads` ({config.linear_num_key_heads}): value heads share q/k heads in groups."
+            )
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()
@@ -121,10 +157,11 @@ class HybridGatedDeltaNet(nn.Module):
             query = query.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
             key = key.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
 
-        beta = torch.sigmoid(b.float())
+        gate_dtype = torch.promote_types(b.dtype, torch.float32)  # float32 at least; float64 stays float64
+        beta = torch.sigmoid(b.to(gate_dtype))
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        decay = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        decay = -self.A_log.to(gate_dtype).exp() * F.softplus(a.to(gate_dtype) + self.dt_bias.to(gate_dtype))
         if mask is not None:
             # beta = 0 and no decay: a padded step leaves the state exactly as it was
             beta = beta * mask.unsqueeze(-1)

@@ -10,13 +10,19 @@ import torch
 import transformers.initialization as init
 from torch import nn
 
+from .block_base import BlockField, HybridBlock, is_positive_int
 from .ops_lstm import lstm_loop
 
 
-class HybridLSTM(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+class HybridLSTM(HybridBlock):
+    block_type = "lstm"
     pattern_letter = "L"
-    is_recurrent = True
+    config_fields = (
+        BlockField("lstm_hidden_size", None, "width of the cell (default: `hidden_size`)", is_positive_int,
+                   "must be a positive integer", default_from="hidden_size"),
+    )
+    lora_targets = ("o_proj",)
+    lora_custom_targets = ("lstm",)  # nn.LSTM: `recipes.peft_utils.LoraLSTM` adapts it
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()

@@ -24,8 +24,9 @@ Loading xLSTM-7B (transformers `xLSTMForCausalLM`, `weight_mode="single"`) weigh
     backbone.embeddings / backbone.out_norm / lm_head -> model.embed_tokens / model.norm / lm_head
 
 with `block_pattern="M"`, `mlstm_input_gate="exp"`, `mlstm_num_heads=num_heads`, the same dim factors and soft cap,
-`rms_norm_eps=norm_eps` and `intermediate_size` = the ffn's rounded width. Not reproduced here: xLSTM-7B's
-soft-capping of the output logits (30) and its biases when `use_bias=True` (the published model has none).
+`rms_norm_eps=norm_eps`, `mlstm_eps=eps`, `mlstm_use_bias=use_bias` and `intermediate_size` = the ffn's rounded width.
+The whole-model map (logit soft-cap, norm and MLP biases, the fused weight layout) is data in
+`configs/checkpoint_maps.py`, applied by `hybridzoo convert`.
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ import torch
 import transformers.initialization as init
 from torch import nn
 
+from .block_base import BlockField, HybridBlock, is_bool, is_int_or_none, is_positive_int, is_positive_number, one_of
 from .ops_mlstm import mlstm
 
 
 class HybridMultiHeadLayerNorm(nn.Module):
-    """LayerNorm (no bias) over each head's features of `[B, T, H, D]`, one weight over all `H * D` features."""
+    """LayerNorm over each head's features of `[B, T, H, D]`, one weight (and optional bias) over all `H * D`."""
 
-    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-6, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(num_heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(num_heads * head_dim)) if bias else None
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -52,7 +55,8 @@ class HybridMultiHeadLayerNorm(nn.Module):
         centered = hidden_states - hidden_states.mean(-1, keepdim=True)
         variance = centered.pow(2).mean(-1, keepdim=True)
         hidden_states = (centered * torch.rsqrt(variance + self.variance_epsilon)).flatten(-2)
-        return self.weight * hidden_states.to(input_dtype)
+        hidden_states = self.weight * hidden_states.to(input_dtype)
+        return hidden_states if self.bias is None else hidden_states + self.bias
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -60,10 +64,41 @@ def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return x if cap is None else cap * torch.tanh(x / cap)
 
 
-class HybridMLSTM(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+class HybridMLSTM(HybridBlock):
+    block_type = "mlstm"
     pattern_letter = "M"
-    is_recurrent = True
+    config_fields = (
+        BlockField("mlstm_num_heads", None, "heads (default: `num_attention_heads`)",
+                   is_int_or_none, "must be an integer or None", default_from="num_attention_heads"),
+        BlockField("mlstm_qk_dim_factor", 0.5, "q/k width as a fraction of `hidden_size` (xLSTM-7B: 0.5)",
+                   is_positive_number, "must be > 0"),
+        BlockField("mlstm_v_dim_factor", 1.0, "v width as a fraction of `hidden_size` (xLSTM-7B: 1.0)",
+                   is_positive_number, "must be > 0"),
+        BlockField("mlstm_input_gate", "exp", "'exp' (xLSTM, stabilised; loads xLSTM-7B) or 'sigmoid' (mLSTMsig)",
+                   one_of("exp", "sigmoid"), "must be 'exp' or 'sigmoid'"),
+        BlockField("mlstm_chunk_size", 64, "chunk length of the chunkwise-parallel form", is_positive_int,
+                   "must be a positive integer"),
+        BlockField("mlstm_gate_soft_cap", 15.0, "gate pre-activations capped as `cap * tanh(x / cap)` (None: off)",
+                   lambda value: value is None or is_positive_number(value), "must be > 0 or None (no cap)"),
+        BlockField("mlstm_eps", 1e-6, "added to the normaliser's denominator (xLSTM's `eps`)", is_positive_number,
+                   "must be a positive number"),
+        BlockField("mlstm_use_bias", False, "biases on the q/k/v, output-gate and out projections and the head norm "
+                   "(xLSTM's `use_bias`; the gate pre-activations always have one)", is_bool, "must be True or False"),
+    )
+    lora_targets = ("q_proj", "k_proj", "v_proj", "ogate_proj", "o_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        heads = config.mlstm_num_heads
+        if not is_positive_int(heads):
+            raise ValueError(f"`mlstm_num_heads` must be a positive integer for mlstm blocks, got {heads!r}.")
+        for name in ["mlstm_qk_dim_factor", "mlstm_v_dim_factor"]:
+            width = int(config.hidden_size * getattr(config, name))
+            if width <= 0 or width % heads != 0:
+                raise ValueError(
+                    f"`hidden_size * {name}` = {width} must be a positive multiple of `mlstm_num_heads` ({heads}): "
+                    "the mlstm q/k and v widths split evenly into heads."
+                )
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()
@@ -78,14 +113,16 @@ class HybridMLSTM(nn.Module):
         self.chunk_size = config.mlstm_chunk_size
         self.gate_soft_cap = config.mlstm_gate_soft_cap
 
-        self.q_proj = nn.Linear(self.hidden_size, self.qk_dim, bias=False)
-        self.k_proj = nn.Linear(self.hidden_size, self.qk_dim, bias=False)
-        self.v_proj = nn.Linear(self.hidden_size, self.v_dim, bias=False)
-        self.ogate_proj = nn.Linear(self.hidden_size, self.v_dim, bias=False)  # output gate
+        self.eps = config.mlstm_eps
+        bias = config.mlstm_use_bias  # xLSTM's `use_bias`: q, k, v, output gate, out projection and the head norm
+        self.q_proj = nn.Linear(self.hidden_size, self.qk_dim, bias=bias)
+        self.k_proj = nn.Linear(self.hidden_size, self.qk_dim, bias=bias)
+        self.v_proj = nn.Linear(self.hidden_size, self.v_dim, bias=bias)
+        self.ogate_proj = nn.Linear(self.hidden_size, self.v_dim, bias=bias)  # output gate
         self.igate_proj = nn.Linear(self.hidden_size, self.num_heads, bias=True)  # input gate, one per head
         self.fgate_proj = nn.Linear(self.hidden_size, self.num_heads, bias=True)  # forget gate, one per head
-        self.norm = HybridMultiHeadLayerNorm(self.num_heads, self.head_v_dim, eps=config.rms_norm_eps)
-        self.o_proj = nn.Linear(self.v_dim, self.hidden_size, bias=False)
+        self.norm = HybridMultiHeadLayerNorm(self.num_heads, self.head_v_dim, eps=config.rms_norm_eps, bias=bias)
+        self.o_proj = nn.Linear(self.v_dim, self.hidden_size, bias=bias)
         self.init_custom_parameters()  # usable on its own; from_pretrained overwrites these anyway
 
     state_formula = "4·H·(Dqk·Dv + Dqk + 1) (fp32 C, n, m)"
@@ -110,7 +147,10 @@ class HybridMLSTM(nn.Module):
         qk_dim = int(hidden * config.mlstm_qk_dim_factor)
         v_dim = int(hidden * config.mlstm_v_dim_factor)
         heads, _, head_v = HybridMLSTM._dims(config)
-        return 2 * hidden * qk_dim + 2 * hidden * v_dim + 2 * (hidden + 1) * heads + heads * head_v + v_dim * hidden
+        count = 2 * hidden * qk_dim + 2 * hidden * v_dim + 2 * (hidden + 1) * heads + heads * head_v + v_dim * hidden
+        if config.mlstm_use_bias:
+            count += 2 * qk_dim + 2 * v_dim + heads * head_v + hidden
+        return count
 
     @torch.no_grad()
     def init_custom_parameters(self) -> None:
@@ -148,6 +188,7 @@ class HybridMLSTM(nn.Module):
             mask=mask,
             reset=reset,
             input_gate=self.input_gate,
+            eps=self.eps,
             chunk_size=self.chunk_size,
         )
         output = self.norm(output) * torch.sigmoid(self.ogate_proj(hidden_states))

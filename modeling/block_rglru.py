@@ -6,9 +6,12 @@ Two branches from x:
     u    = causal_conv1d(linear_x(x))                         (depthwise, width 4)
     r_t  = sigmoid(W_a u_t + b_a),  i_t = sigmoid(W_x u_t + b_x)   (block-diagonal: one d x d matrix per head)
     log a_t = -c * r_t * softplus(Lambda),  c = 8
-    h_t  = a_t * h_{t-1} + sqrt(1 - a_t^2) * (i_t * u_t)
+    h_t  = a_t * h_{t-1} + m_t * (i_t * u_t),  m_t = sqrt(1 - a_t^2), and m_t = 1 where a sequence starts
     y    = out_proj(h * gate)
 
+The input multiplier follows RecurrentGemma (transformers and google-deepmind/recurrentgemma): 1 at the first token
+of a sequence or document (a fresh state or a `reset`), sqrt(1 - a^2) elsewhere, with that square root's gradient
+bounded by 1000.
 The recurrence is diagonal and linear in h, so it runs through `ops_rglru.linear_recurrence` (a time loop on CPU;
 see there for the measurements). Decoding a token is the same call with T = 1.
 State per sequence: the conv window `[K - 1, width]` and `h` `[width]` (float32).
@@ -23,6 +26,15 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .block_base import (
+    BlockField,
+    HybridBlock,
+    is_int_or_none,
+    is_positive_int,
+    is_positive_int_or_none,
+    require_divisible,
+    require_positive_ints,
+)
 from .layers import init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_rglru import linear_recurrence
@@ -30,8 +42,11 @@ from .ops_rglru import linear_recurrence
 GATE_SCALE = 8.0  # the constant c of the paper
 
 
+MAX_SQRT_GRADIENT = 1000.0  # RecurrentGemma's bound on d sqrt(x) / dx (finite as a_t -> 1, e.g. in bf16)
+
+
 class _SqrtBoundedGrad(torch.autograd.Function):
-    """`sqrt(x)` whose derivative is capped (at x = 1e-6) instead of growing to infinity as `a_t -> 1`."""
+    """`sqrt(x)` whose derivative `1 / (2 sqrt(x))` is capped at `MAX_SQRT_GRADIENT`, as in RecurrentGemma."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -41,18 +56,56 @@ class _SqrtBoundedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        return grad * 0.5 * torch.rsqrt(x.clamp_min(1e-6))
+        return grad / torch.sqrt(torch.clamp(4.0 * x, min=1.0 / MAX_SQRT_GRADIENT**2))
 
 
-def rglru_coefficients(log_a: torch.Tensor, gated_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`a_t` and `b_t = sqrt(1 - a_t^2) * gated_x` of the RG-LRU; `1 - a^2 = -expm1(2 log a)` is exact near a = 1."""
-    return torch.exp(log_a), _SqrtBoundedGrad.apply(-torch.expm1(2.0 * log_a)) * gated_x
+def rglru_coefficients(
+    log_a: torch.Tensor, gated_x: torch.Tensor, starts: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a_t` and `b_t = m_t * gated_x` of the RG-LRU, `m_t = sqrt(1 - a_t^2)` (`1 - a^2 = -expm1(2 log a)`, exact
+    near a = 1), and `m_t = 1` where `starts` `[B, T]` is True: the first input of a sequence or document enters
+    unscaled (RecurrentGemma, transformers and google-deepmind/recurrentgemma)."""
+    multiplier = _SqrtBoundedGrad.apply(-torch.expm1(2.0 * log_a))
+    if starts is not None:
+        multiplier = torch.where(starts.unsqueeze(-1), torch.ones_like(multiplier), multiplier)
+    return torch.exp(log_a), multiplier * gated_x
 
 
-class HybridRGLRU(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+def sequence_starts(
+    state: object | None, mask: torch.Tensor | None, reset: torch.Tensor | None, batch: int, length: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """`[B, T]` True where a sequence starts: every `reset`, and each row's first real token when there is no state
+    yet (a fresh sequence; with a state the call continues one). None when there is none."""
+    starts = reset
+    if state is None:
+        real = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        first = real & (real.long().cumsum(dim=1) == 1)
+        starts = first if starts is None else starts | first
+    return starts
+
+
+class HybridRGLRU(HybridBlock):
+    block_type = "rglru"
     pattern_letter = "R"
-    is_recurrent = True
+    config_fields = (
+        BlockField("rglru_width", None, "width of the recurrence (default: `hidden_size`)", is_int_or_none,
+                   "must be an integer or None", default_from="hidden_size"),
+        BlockField("rglru_num_heads", None, "heads of the block-diagonal gates, dividing `rglru_width` (default: "
+                   "`num_attention_heads`)", is_int_or_none, "must be an integer or None",
+                   default_from="num_attention_heads"),
+        BlockField("rglru_conv_kernel_dim", 4, "width of the causal conv (Griffin: 4)", is_positive_int,
+                   "must be an integer >= 1"),
+        BlockField("rglru_chunk_size", None, "None: the recurrence as a time loop (fastest on CPU); an int: the "
+                   "chunked form with that chunk length (for accelerators)", is_positive_int_or_none,
+                   "must be None (time loop) or a positive integer"),
+    )
+    lora_targets = ("linear_x", "linear_y", "out_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive_ints(config, ["rglru_width", "rglru_num_heads"], "rglru")
+        require_divisible(config, "rglru_width", "rglru_num_heads")
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()
@@ -125,7 +178,8 @@ class HybridRGLRU(nn.Module):
         """Run the block over `[B, T, hidden]` from `state` = (conv `[B, K-1, width]`, h `[B, width]`) or None.
 
         `mask` `[B, T]` (False at padding) makes padded steps identity transitions; `reset` `[B, T]` clears the state
-        where a new document starts. Returns `(y [B, T, hidden], new_state)`.
+        where a new document starts. A call without `state` starts a sequence (its first real token enters with
+        multiplier 1); a call with one continues it. Returns `(y [B, T, hidden], new_state)`.
         """
         conv_state, h = state if state is not None else (None, None)
         gate = F.gelu(self.linear_y(hidden_states), approximate="tanh")
@@ -139,7 +193,8 @@ class HybridRGLRU(nn.Module):
         r = torch.sigmoid(self._block_diagonal(u, self.a_gate_weight.to(dtype), self.a_gate_bias.to(dtype)))
         i = torch.sigmoid(self._block_diagonal(u, self.x_gate_weight.to(dtype), self.x_gate_bias.to(dtype)))
         log_a = -GATE_SCALE * r * F.softplus(self.a_param.to(dtype))
-        a, b = rglru_coefficients(log_a, i * u)
+        starts = sequence_starts(state, mask, reset, *hidden_states.shape[:2], hidden_states.device)
+        a, b = rglru_coefficients(log_a, i * u, starts)
         states, h = linear_recurrence(a, b, h, mask=mask, reset=reset, chunk_size=self.chunk_size)
 
         y = self.out_proj(states.to(hidden_states.dtype) * gate)

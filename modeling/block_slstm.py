@@ -16,15 +16,39 @@ import transformers.initialization as init
 from torch import nn
 from torch.nn import functional as F
 
+from .block_base import (
+    BlockField,
+    HybridBlock,
+    is_int,
+    is_int_or_none,
+    one_of,
+    require_divisible,
+    require_positive_ints,
+)
 from .layers import init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_slstm import slstm_recurrence
 
 
-class HybridSLSTM(nn.Module):
-    layer_type = "linear_attention"  # transformers' name for "fixed-size recurrent state" layers
+class HybridSLSTM(HybridBlock):
+    block_type = "slstm"
     pattern_letter = "X"
-    is_recurrent = True
+    config_fields = (
+        BlockField("slstm_num_heads", None, "heads of the block-diagonal recurrent matrix, dividing `hidden_size` "
+                   "(default: `num_attention_heads`)", is_int_or_none, "must be an integer or None",
+                   default_from="num_attention_heads"),
+        BlockField("slstm_conv_kernel_dim", 4, "width of the causal conv feeding the input and forget gates (xLSTM: "
+                   "4); 0 turns it off", lambda value: is_int(value) and value >= 0,
+                   "must be an integer >= 0 (0: no conv)"),
+        BlockField("slstm_forget_gate", "sigmoid", "forget gate activation, 'sigmoid' or 'exp'",
+                   one_of("sigmoid", "exp"), "must be 'sigmoid' or 'exp'"),
+    )
+    lora_targets = ("if_proj", "zo_proj", "out_proj")
+
+    @classmethod
+    def validate_config(cls, config) -> None:
+        require_positive_ints(config, ["hidden_size", "slstm_num_heads"], "slstm")
+        require_divisible(config, "hidden_size", "slstm_num_heads")
 
     def __init__(self, config, layer_idx: int = 0) -> None:
         super().__init__()

@@ -1,8 +1,9 @@
 """The generation cache of a hybrid model: KV for attention layers, fixed-size state for recurrent ones.
 
 Built on transformers' `Cache`, so `generate()`, beam search (`reorder_cache`) and the mask utilities work unchanged:
-attention layers get transformers' own `DynamicLayer` / `DynamicSlidingWindowLayer`, every recurrent block gets a
-`RecurrentStateLayer` holding whatever tuple of tensors the block returns as its state (batch first).
+each block names its cache layer (`cache_layer`): attention gets transformers' own `DynamicLayer` /
+`DynamicSlidingWindowLayer`, a recurrent block a `RecurrentStateLayer` holding whatever tuple of tensors the block
+returns as its state (batch first).
 The cache also counts the tokens it has seen, so models with no attention layer at all know their position.
 """
 
@@ -13,12 +14,7 @@ import functools
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import (
-    Cache,
-    DynamicLayer,
-    DynamicSlidingWindowLayer,
-    LinearAttentionCacheLayerMixin,
-)
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -107,7 +103,7 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
 
 
 class HybridCache(Cache):
-    """Cache for `HybridModel`: one layer per model layer, chosen from `config.layer_types`.
+    """Cache for `HybridModel`: one layer per model layer, the one its block asks for (`block.cache_layer`).
 
     Not `DynamicCache(config=...)`: its linear-attention layers hold one conv + one recurrent tensor per slot with the
     same slot count in every layer, while our blocks keep 1 to 5 state tensors of their own shapes, and it counts
@@ -115,15 +111,7 @@ class HybridCache(Cache):
     """
 
     def __init__(self, config) -> None:
-        layers = []
-        for layer_type in config.layer_types:
-            if layer_type == "full_attention":
-                layers.append(DynamicLayer())
-            elif layer_type == "sliding_attention":
-                layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
-            else:
-                layers.append(RecurrentStateLayer())
-        super().__init__(layers=layers)
+        super().__init__(layers=[block.cache_layer(config) for block in config.block_classes])
         self.seen_tokens = 0
 
     def get_block_state(self, layer_idx: int) -> tuple[torch.Tensor, ...] | None:

@@ -3,9 +3,12 @@
 Layers are chosen one by one with `block_types` (names from `blocks.BLOCK_CLASSES`), or with the compact
 `block_pattern` shorthand repeated over the depth: `"GGGA"` over 8 layers is 3 Gated DeltaNet layers then 1 attention
 layer, twice (Qwen3-Next's 3:1 layout). Letters: A attention, S sliding-window attention, G gated DeltaNet, L LSTM,
-M mLSTM, X sLSTM, R RG-LRU
-(see `blocks.BLOCK_LETTERS`). Field names follow transformers (Llama for the shared fields, Qwen3-Next for the
-`linear_*` Gated DeltaNet fields) so peft, accelerate and other tools read the config without help.
+M mLSTM, X sLSTM, R RG-LRU (see `blocks.BLOCK_LETTERS`). Field names follow transformers (Llama for the shared fields,
+Qwen3-Next for the `linear_*` Gated DeltaNet fields) so peft, accelerate and other tools read the config without help.
+
+The fields shared by every model are declared here; each block declares its own (`config_fields` on the block class,
+e.g. `mlstm_chunk_size`): the config takes them as keyword arguments, fills their defaults, checks them and saves them
+in config.json like any other field. A block registered later (`blocks.register_block`) adds its fields the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from .blocks import BLOCK_CLASSES, BLOCK_LETTERS
+from .block_base import HybridBlock
+from .blocks import BLOCK_CLASSES, BLOCK_LETTERS, RESERVED_FIELD_NAMES, block_fields, ship_external_blocks
 
 DEFAULT_BLOCK_PATTERN = "GGGA"
 AUTO_MAP = {
@@ -37,30 +41,20 @@ class HybridConfig(PreTrainedConfig):
             `num_hidden_layers` (which must be a multiple of its length). Defaults to `"GGGA"` when neither is given.
         num_attention_heads, num_key_value_heads, head_dim, rope_parameters, attention_bias, attention_dropout:
             softmax attention, as in `LlamaConfig`.
+        rms_norm_zero_centered (`bool`): every RMSNorm of the model except the gated DeltaNet output norm stores
+            `w` and multiplies by `1 + w` (Gemma, RecurrentGemma, Qwen3-Next, Qwen3.5); see `layers.HybridRMSNorm`.
+        rms_norm_bias (`bool`): a learnable bias in the two RMSNorms of every decoder layer (xLSTM's `use_bias`; the
+            final norm has none there either).
+        mlp_bias (`bool`): biases in the MLP's three projections, as in `LlamaConfig` (RecurrentGemma: True).
+        embedding_scale (`float`): token embeddings are multiplied by this before the first layer (1.0: off).
+            Gemma-family models use sqrt(hidden_size); RecurrentGemma stores it rounded to bfloat16, and the converter
+            writes that rounded value.
+        final_logit_softcapping (`float`, *optional*): logits become `cap * tanh(logits / cap)` (RecurrentGemma and
+            xLSTM-7B: 30; None: off).
         sliding_window (`int`, *optional*): window of the `sliding_attention` blocks (required when there are any).
-        linear_num_key_heads, linear_num_value_heads, linear_key_head_dim, linear_value_head_dim,
-        linear_conv_kernel_dim: Gated DeltaNet shapes, as in `Qwen3NextConfig` (defaults: the attention heads).
-        linear_chunk_size (`int`, *optional*): chunk length of the parallel form (None: 32 on CPU, 64 on GPU).
-        linear_allow_neg_eigval (`bool`): beta in (0, 2) instead of (0, 1), allowing negative eigenvalues.
-        lstm_hidden_size (`int`, *optional*): width of the `lstm` blocks' cell (defaults to `hidden_size`).
-        mlstm_num_heads (`int`, *optional*): heads of the `mlstm` blocks (defaults to `num_attention_heads`).
-        mlstm_qk_dim_factor, mlstm_v_dim_factor (`float`): q/k and v widths of the `mlstm` blocks as fractions of
-            `hidden_size` (xLSTM-7B: 0.5 and 1.0); each width must split evenly into `mlstm_num_heads` heads.
-        mlstm_input_gate (`str`): `"exp"` (xLSTM's exponential input gate with max-state stabilisation; loads
-            xLSTM-7B weights) or `"sigmoid"` (mLSTMsig).
-        mlstm_chunk_size (`int`): chunk length of the `mlstm` blocks' chunkwise-parallel form.
-        mlstm_gate_soft_cap (`float`, *optional*): gate pre-activations are capped as `cap * tanh(x / cap)` (None: off).
-        rglru_width (`int`, *optional*): width of the `rglru` blocks' recurrence (defaults to `hidden_size`).
-        rglru_num_heads (`int`, *optional*): heads of the block-diagonal RG-LRU gates (defaults to
-            `num_attention_heads`); must divide `rglru_width`.
-        rglru_conv_kernel_dim (`int`): width of the `rglru` blocks' causal conv (Griffin: 4), >= 1.
-        rglru_chunk_size (`int`, *optional*): None runs the RG-LRU recurrence as a time loop (fastest on CPU); an int
-            selects the chunked form with that chunk length (for accelerators).
-        slstm_num_heads (`int`, *optional*): heads of the `slstm` blocks' block-diagonal recurrent matrix (defaults to
-            `num_attention_heads`); must divide `hidden_size`.
-        slstm_conv_kernel_dim (`int`): width of the causal conv feeding the `slstm` input and forget gates (xLSTM: 4);
-            0 turns the conv off.
-        slstm_forget_gate (`str`): `"sigmoid"` or `"exp"`, the `slstm` forget gate activation.
+        block fields: every registered block's `config_fields`, listed with their defaults under "Block fields" below
+            (attention `attention_output_gate` / `attention_qk_norm` / `attention_out_bias`, Gated DeltaNet
+            `linear_*`, `lstm_*`, `mlstm_*`, `rglru_*`, `slstm_*`).
 
     Example:
         >>> from hybridzoo import HybridConfig, HybridForCausalLM
@@ -99,32 +93,12 @@ class HybridConfig(PreTrainedConfig):
     attention_bias: bool = False
     attention_dropout: float | int = 0.0
     sliding_window: int | None = None
-    # gated DeltaNet
-    linear_num_key_heads: int | None = None
-    linear_num_value_heads: int | None = None
-    linear_key_head_dim: int | None = None
-    linear_value_head_dim: int | None = None
-    linear_conv_kernel_dim: int = 4
-    linear_chunk_size: int | None = None
-    linear_allow_neg_eigval: bool = False
-    # LSTM
-    lstm_hidden_size: int | None = None
-    # mLSTM
-    mlstm_num_heads: int | None = None
-    mlstm_qk_dim_factor: float | int = 0.5
-    mlstm_v_dim_factor: float | int = 1.0
-    mlstm_input_gate: str = "exp"
-    mlstm_chunk_size: int = 64
-    mlstm_gate_soft_cap: float | int | None = 15.0
-    # RG-LRU
-    rglru_width: int | None = None
-    rglru_num_heads: int | None = None
-    rglru_conv_kernel_dim: int = 4
-    rglru_chunk_size: int | None = None
-    # sLSTM
-    slstm_num_heads: int | None = None
-    slstm_conv_kernel_dim: int = 4
-    slstm_forget_gate: str = "sigmoid"
+    # norms, MLP, embeddings and logits (options other checkpoints need; the defaults are Llama's)
+    rms_norm_zero_centered: bool = False
+    rms_norm_bias: bool = False
+    mlp_bias: bool = False
+    embedding_scale: float | int = 1.0
+    final_logit_softcapping: float | int | None = None
 
     def __post_init__(self, **kwargs):
         self._resolve_block_types()
@@ -144,24 +118,11 @@ class HybridConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.linear_num_key_heads is None:
-            self.linear_num_key_heads = self.num_attention_heads
-        if self.linear_num_value_heads is None:
-            self.linear_num_value_heads = self.linear_num_key_heads
-        if self.linear_key_head_dim is None:
-            self.linear_key_head_dim = self.head_dim
-        if self.linear_value_head_dim is None:
-            self.linear_value_head_dim = self.linear_key_head_dim
-        if self.lstm_hidden_size is None:
-            self.lstm_hidden_size = self.hidden_size
-        if self.mlstm_num_heads is None:
-            self.mlstm_num_heads = self.num_attention_heads
-        if self.rglru_width is None:
-            self.rglru_width = self.hidden_size
-        if self.rglru_num_heads is None:
-            self.rglru_num_heads = self.num_attention_heads
-        if self.slstm_num_heads is None:
-            self.slstm_num_heads = self.num_attention_heads
+        for field in block_fields().values():  # every registered block's fields: given, or the default
+            value = kwargs.pop(field.name, field.default)
+            if value is None and field.default_from is not None:
+                value = getattr(self, field.default_from)
+            setattr(self, field.name, value)
         if self.rope_parameters is None:
             kwargs.setdefault("rope_theta", 10000.0)
         super().__post_init__(**kwargs)
@@ -205,14 +166,23 @@ class HybridConfig(PreTrainedConfig):
             )
 
     @property
+    def block_classes(self) -> list[type[HybridBlock]]:
+        """The block class of each layer, from the registry."""
+        return [BLOCK_CLASSES[name] for name in self.block_types]
+
+    @property
     def layer_types(self) -> list[str]:
         """transformers' per-layer type names, derived from the blocks (read-only)."""
-        return [BLOCK_CLASSES[name].layer_type for name in self.block_types]
+        return [block.layer_type for block in self.block_classes]
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if self._auto_class is not None:  # the folder carries the model code: add blocks registered from outside
+            ship_external_blocks(save_directory, self.block_types)
 
     def validate_architecture(self):
         """Called by transformers at init and at save: every size must be positive and every head split exact."""
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"]
-        positive += ["linear_conv_kernel_dim", "lstm_hidden_size"]
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -221,102 +191,33 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError(f"`intermediate_size` must be >= 0 (0 disables the MLP), got {self.intermediate_size}.")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps}.")
-        if self.linear_chunk_size is not None and self.linear_chunk_size <= 0:
-            raise ValueError(f"`linear_chunk_size` must be a positive integer or None, got {self.linear_chunk_size}.")
-        blocks = set(self.block_types)
-        if blocks & {"attention", "sliding_attention"}:
-            for name in ["num_attention_heads", "num_key_value_heads", "head_dim"]:
-                value = getattr(self, name)
-                if not isinstance(value, int) or value <= 0:
-                    raise ValueError(f"`{name}` must be a positive integer for attention blocks, got {value!r}.")
-            if self.num_attention_heads % self.num_key_value_heads != 0:
-                raise ValueError(
-                    f"`num_attention_heads` ({self.num_attention_heads}) must be a multiple of "
-                    f"`num_key_value_heads` ({self.num_key_value_heads}): each KV head serves a whole group."
-                )
-            factor = self.rope_parameters.get("partial_rotary_factor", 1.0)
-            if not 0 < factor <= 1 or int(self.head_dim * factor) % 2 != 0 or int(self.head_dim * factor) == 0:
-                raise ValueError(
-                    f"`partial_rotary_factor` ({factor}) must be in (0, 1] and rotate an even, non-zero number of "
-                    f"the `head_dim` ({self.head_dim}) channels: int(head_dim * factor) = "
-                    f"{int(self.head_dim * factor)}."
-                )
-        if "sliding_attention" in blocks and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            raise ValueError(
-                f"`sliding_window` must be a positive integer when `block_types` has sliding_attention blocks, "
-                f"got {self.sliding_window!r}."
-            )
-        if "gated_deltanet" in blocks:
-            for name in ["linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim"]:
-                value = getattr(self, name)
-                if not isinstance(value, int) or value <= 0:
-                    raise ValueError(f"`{name}` must be a positive integer for gated_deltanet blocks, got {value!r}.")
-            if not isinstance(self.linear_value_head_dim, int) or self.linear_value_head_dim <= 0:
-                raise ValueError(
-                    f"`linear_value_head_dim` must be a positive integer, got {self.linear_value_head_dim!r}."
-                )
-            if self.linear_num_value_heads % self.linear_num_key_heads != 0:
-                raise ValueError(
-                    f"`linear_num_value_heads` ({self.linear_num_value_heads}) must be a multiple of "
-                    f"`linear_num_key_heads` ({self.linear_num_key_heads}): value heads share q/k heads in groups."
-                )
-        self._validate_mlstm("mlstm" in blocks)
-        self._validate_rglru_slstm(blocks)
+        self._validate_model_options()
+        for field in block_fields().values():  # value checks always, so a bad value is refused even when unused
+            field.validate(getattr(self, field.name, field.default))
+        for block in dict.fromkeys(self.block_classes):  # checks across fields only for the blocks the model has
+            block.validate_config(self)
 
-    def _validate_mlstm(self, has_blocks: bool) -> None:
-        """mLSTM fields: option values always, the head split only when the model has `mlstm` blocks."""
-        if self.mlstm_input_gate not in ("exp", "sigmoid"):
-            raise ValueError(f"`mlstm_input_gate` must be 'exp' or 'sigmoid', got {self.mlstm_input_gate!r}.")
-        if not isinstance(self.mlstm_chunk_size, int) or self.mlstm_chunk_size <= 0:
-            raise ValueError(f"`mlstm_chunk_size` must be a positive integer, got {self.mlstm_chunk_size!r}.")
-        if self.mlstm_gate_soft_cap is not None and self.mlstm_gate_soft_cap <= 0:
-            raise ValueError(f"`mlstm_gate_soft_cap` must be > 0 or None (no cap), got {self.mlstm_gate_soft_cap}.")
-        for name in ["mlstm_qk_dim_factor", "mlstm_v_dim_factor"]:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
-        if not has_blocks:
-            return
-        heads = self.mlstm_num_heads
-        if not isinstance(heads, int) or heads <= 0:
-            raise ValueError(f"`mlstm_num_heads` must be a positive integer for mlstm blocks, got {heads!r}.")
-        for name in ["mlstm_qk_dim_factor", "mlstm_v_dim_factor"]:
-            width = int(self.hidden_size * getattr(self, name))
-            if width <= 0 or width % heads != 0:
-                raise ValueError(
-                    f"`hidden_size * {name}` = {width} must be a positive multiple of `mlstm_num_heads` ({heads}): "
-                    "the mlstm q/k and v widths split evenly into heads."
-                )
+    def _validate_model_options(self) -> None:
+        """The switches other checkpoints need: booleans are booleans, scales are positive and finite."""
+        flags = ["rms_norm_zero_centered", "rms_norm_bias", "mlp_bias"]
+        for name in flags:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        scale = self.embedding_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+            raise ValueError(f"`embedding_scale` must be a positive finite number (1.0: off), got {scale!r}.")
+        cap = self.final_logit_softcapping
+        bad_cap = isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")
+        if cap is not None and bad_cap:
+            raise ValueError(f"`final_logit_softcapping` must be a positive number or None (off), got {cap!r}.")
 
-    def _validate_rglru_slstm(self, blocks: set[str]) -> None:
-        """RG-LRU and sLSTM fields: option values always, the head splits only when the model has such blocks."""
-        if not isinstance(self.rglru_conv_kernel_dim, int) or self.rglru_conv_kernel_dim < 1:
-            raise ValueError(f"`rglru_conv_kernel_dim` must be an integer >= 1, got {self.rglru_conv_kernel_dim!r}.")
-        chunk = self.rglru_chunk_size
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(
-                f"`rglru_chunk_size` must be None (time loop) or a positive integer, got {self.rglru_chunk_size!r}."
-            )
-        if not isinstance(self.slstm_conv_kernel_dim, int) or self.slstm_conv_kernel_dim < 0:
-            raise ValueError(
-                f"`slstm_conv_kernel_dim` must be an integer >= 0 (0: no conv), got {self.slstm_conv_kernel_dim!r}."
-            )
-        if self.slstm_forget_gate not in ("sigmoid", "exp"):
-            raise ValueError(f"`slstm_forget_gate` must be 'sigmoid' or 'exp', got {self.slstm_forget_gate!r}.")
-        splits = []
-        if "rglru" in blocks:
-            splits.append(("rglru_width", "rglru_num_heads"))
-        if "slstm" in blocks:
-            splits.append(("hidden_size", "slstm_num_heads"))
-        for width_name, heads_name in splits:
-            width, heads = getattr(self, width_name), getattr(self, heads_name)
-            for name, value in ((width_name, width), (heads_name, heads)):
-                if not isinstance(value, int) or value <= 0:
-                    raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-            if width % heads != 0:
-                raise ValueError(
-                    f"`{width_name}` ({width}) must be divisible by `{heads_name}` ({heads}): the block-diagonal "
-                    "weights split it into equal heads."
-                )
 
+RESERVED_FIELD_NAMES.update(HybridConfig.__dataclass_fields__)
+_clashes = RESERVED_FIELD_NAMES & set(block_fields())
+if _clashes:
+    raise ValueError(f"Block config fields {sorted(_clashes)} clash with HybridConfig's own fields.")
+HybridConfig.__doc__ += "\n    Block fields (name = default: meaning):\n" + "".join(
+    f"        {field.name} = {field.default!r}: {field.doc}\n" for field in block_fields().values()
+)
 
 __all__ = ["HybridConfig"]

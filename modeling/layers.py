@@ -28,19 +28,45 @@ def init_short_conv_(conv: nn.Conv1d) -> None:
 
 
 class HybridRMSNorm(nn.Module):
-    """RMSNorm as in Llama: `weight * x / rms(x)`, computed in float32."""
+    """RMSNorm computed in float32, in one of two stored forms.
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    * default (Llama): `weight * x / rms(x)`, the product taken in the input dtype, weight initialised to 1;
+    * `zero_centered=True` (Gemma, RecurrentGemma, Qwen3-Next, Qwen3.5): `(1 + weight) * x / rms(x)`, the product
+      taken in float32 and then cast, weight initialised to 0. Keeping the stored `w` instead of converting it to
+      `1 + w` is what makes bf16 checkpoints load losslessly: near 1 bf16 keeps steps of 2^-7, so `1 + w` would round
+      away most of a small `w`.
+
+    `bias=True` adds a learnable bias after the weight (xLSTM's `use_bias`).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, zero_centered: bool = False, bias: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if zero_centered else torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
         self.variance_epsilon = eps
+
+    @torch.no_grad()
+    def init_custom_parameters(self) -> None:
+        # transformers' generic init sets every `*RMSNorm` weight to 1, which is wrong for the zero-centred form
+        if self.zero_centered:
+            init.zeros_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states.to(torch.float32)  # float32 even for float64 inputs, as transformers' norms
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        if self.zero_centered:
+            hidden_states = (hidden_states * (1.0 + self.weight.float())).to(input_dtype)
+        else:
+            hidden_states = self.weight * hidden_states.to(input_dtype)
+        return hidden_states if self.bias is None else hidden_states + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, zero_centered={self.zero_centered}"
 
 
 class HybridRMSNormGated(nn.Module):
@@ -60,13 +86,19 @@ class HybridRMSNormGated(nn.Module):
 
 
 class HybridMLP(nn.Module):
-    """The gated MLP after every mixer (SwiGLU with the default `hidden_act="silu"`), Llama's parameter names."""
+    """The gated MLP after every mixer (SwiGLU with the default `hidden_act="silu"`), Llama's parameter names.
+
+    `config.mlp_bias` adds biases to the three projections (Llama's `mlp_bias`, RecurrentGemma, xLSTM `use_bias`).
+    """
+
+    lora_targets = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

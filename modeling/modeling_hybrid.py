@@ -25,15 +25,20 @@ from .layers import HybridMLP, HybridRMSNorm, HybridRotaryEmbedding
 from .ops_cross_entropy import chunked_linear_cross_entropy, shift_labels_for_causal_lm
 
 
+def layer_norm(config: HybridConfig, bias: bool = False) -> HybridRMSNorm:
+    """A hidden-size RMSNorm in the form the config asks for (Llama's, or zero-centred `1 + w`)."""
+    return HybridRMSNorm(config.hidden_size, config.rms_norm_eps, config.rms_norm_zero_centered, bias)
+
+
 class HybridDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: HybridConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.block_type = config.block_types[layer_idx]
-        self.input_layernorm = HybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = layer_norm(config, bias=config.rms_norm_bias)
         self.mixer = BLOCK_CLASSES[self.block_type](config, layer_idx)
         if config.intermediate_size > 0:
-            self.post_mixer_layernorm = HybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.post_mixer_layernorm = layer_norm(config, bias=config.rms_norm_bias)
             self.mlp = HybridMLP(config)
         else:
             self.mlp = None
@@ -111,7 +116,7 @@ class HybridModel(HybridPreTrainedModel):
         self.layers = nn.ModuleList(
             [HybridDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = HybridRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = layer_norm(config)
         self.has_attention = any(not layer.mixer.is_recurrent for layer in self.layers)
         self.rotary_emb = HybridRotaryEmbedding(config) if self.has_attention else None
         self.gradient_checkpointing = False
@@ -140,6 +145,8 @@ class HybridModel(HybridPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if self.config.embedding_scale != 1.0:  # Gemma-family: the scale rounded to the activations' dtype first
+            inputs_embeds = inputs_embeds * torch.tensor(self.config.embedding_scale, dtype=inputs_embeds.dtype)
         if use_cache and cache is None:
             cache = HybridCache(self.config)
         if cache is not None and not hasattr(cache, "get_block_state"):
@@ -269,6 +276,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         else:
             slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden_states[:, slice_indices, :])
+            if self.config.final_logit_softcapping is not None:
+                cap = self.config.final_logit_softcapping
+                logits = torch.tanh(logits / cap) * cap
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
@@ -281,10 +291,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def _chunked_loss_applies(self, logits_to_keep: int | torch.Tensor) -> bool:
         """The chunked loss replaces exactly `ForCausalLMLoss(lm_head(h), labels)`: a plain, unwrapped `nn.Linear` head
-        (not a PEFT / hook-wrapped one), all positions kept, and transformers' default causal-LM loss."""
+        (not a PEFT / hook-wrapped one), no logit soft-capping, all positions kept, and transformers' default
+        causal-LM loss."""
         head = self.lm_head
         return (
-            isinstance(logits_to_keep, int)
+            self.config.final_logit_softcapping is None
+            and isinstance(logits_to_keep, int)
             and logits_to_keep == 0
             and type(head) is nn.Linear
             and not (head._forward_hooks or head._forward_pre_hooks)

@@ -21,8 +21,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommand(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a model from a YAML recipe (pretraining, tasks, LoRA, ...)")
+def add_arguments(parser) -> None:
     parser.add_argument("recipe", help="a recipe YAML file, or a shipped recipe name such as pretrain_stdlib")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")

@@ -1,8 +1,9 @@
 """LoRA for every block type of a hybrid model, through `peft.get_peft_model`.
 
-PEFT knows nothing about a custom `model_type`, so the targets come from a small table keyed by block type
-(`config.block_types`): the projections of each mixer plus the gated MLP. Depthwise short convolutions are never
-targeted (PEFT needs a rank divisible by the channel count there).
+The targets come from the blocks themselves (`lora_targets` on each block class, `HybridMLP.lora_targets` for the
+gated MLP). `import hybridzoo` also registers their union as PEFT's default for `model_type="hybridzoo"`
+(`register_peft_defaults`), so a plain `get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))` works as it does for
+Llama. Depthwise short convolutions are never targeted (PEFT needs a rank divisible by the channel count there).
 
 The LSTM block needs special care. PEFT's own answer for `nn.LSTM` (`target_parameters`) only applies LoRA inside
 `nn.LSTM.forward`, but the block also reads `lstm.weight_ih_l0` directly for its step loop (padding, packed
@@ -19,21 +20,29 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-# block type -> mixer sub-modules to adapt (names relative to the decoder layer)
-BLOCK_LORA_TARGETS: dict[str, list[str]] = {
-    "attention": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj"],
-    "sliding_attention": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj"],
-    "gated_deltanet": [
-        "mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.z_proj", "mixer.b_proj", "mixer.a_proj", "mixer.o_proj"
-    ],
-    "lstm": ["mixer.lstm", "mixer.o_proj"],
-    "mlstm": ["mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.ogate_proj", "mixer.o_proj"],
-    "rglru": ["mixer.linear_x", "mixer.linear_y", "mixer.out_proj"],
-    "slstm": ["mixer.if_proj", "mixer.zo_proj", "mixer.out_proj"],
-}
-MLP_LORA_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+from hybridzoo.modeling.blocks import REGISTRY_LISTENERS, lora_target_suffixes
+from hybridzoo.modeling.configuration_hybrid import HybridConfig
+from hybridzoo.modeling.layers import HybridMLP
+
+
+def block_lora_targets(block: type) -> list[str]:
+    """Sub-modules of a decoder layer that LoRA adapts for `block` (its `lora_targets` and `lora_custom_targets`)."""
+    return [f"mixer.{name}" for name in (*block.lora_targets, *block.lora_custom_targets)]
+
+
+def register_peft_defaults(_changed_block: type | None = None) -> None:
+    """PEFT's default LoRA targets for `model_type="hybridzoo"`: every registered block's `lora_targets` plus the MLP.
+
+    Modules that need hybridzoo's own LoRA layer (`lora_custom_targets`, the LSTM cell) are left out: a plain
+    `LoraConfig` cannot know that layer; `lora_config()` below adds them. Called by `import hybridzoo`; it stays up to
+    date on every later block (un)registration.
+    """
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[HybridConfig.model_type] = lora_target_suffixes()
+    if register_peft_defaults not in REGISTRY_LISTENERS:
+        REGISTRY_LISTENERS.append(register_peft_defaults)
 
 
 class LoraLSTM(nn.Module, LoraLayer):
@@ -122,27 +131,29 @@ def _layers(model: nn.Module) -> nn.ModuleList:
 
 
 def default_lora_targets(model: nn.Module, include_mlp: bool = True) -> list[str]:
-    """Full module names to adapt, from `BLOCK_LORA_TARGETS`; a block type not in the table is an error."""
+    """Full module names to adapt, from each block's `lora_targets`; a block that declares none is an error."""
     targets, unknown = [], {}
     module_names = {name for name, _ in model.named_modules()}
     prefix = "model.layers" if hasattr(model, "model") else "layers"
+    mlp_targets = [f"mlp.{name}" for name in HybridMLP.lora_targets]
     for index, layer in enumerate(_layers(model)):
-        block_type = layer.block_type
-        if block_type not in BLOCK_LORA_TARGETS:
+        block_type, block = layer.block_type, type(layer.mixer)
+        if not block_lora_targets(block):
             linears = [n for n, m in layer.mixer.named_modules() if isinstance(m, nn.Linear)]
             unknown[block_type] = linears
             continue
-        suffixes = BLOCK_LORA_TARGETS[block_type] + (MLP_LORA_TARGETS if include_mlp and layer.mlp is not None else [])
+        suffixes = block_lora_targets(block) + (mlp_targets if include_mlp and layer.mlp is not None else [])
         for suffix in suffixes:
             name = f"{prefix}.{index}.{suffix}"
             if name not in module_names:
                 raise ValueError(f"LoRA default target {suffix!r} for block type {block_type!r} does not exist in "
-                                 f"layer {index}; update BLOCK_LORA_TARGETS in hybridzoo/recipes/peft_utils.py.")
+                                 f"layer {index}; fix `lora_targets` on {block.__name__}.")
             targets.append(name)
     if unknown:
         hints = "; ".join(f"{bt}: {', '.join('mixer.' + n for n in names)}" for bt, names in unknown.items())
-        raise ValueError(f"No default LoRA targets for block type(s) {sorted(unknown)}. Pass `peft.target_modules` "
-                         f"explicitly (module name suffixes), e.g. from these linear layers: {hints}.")
+        raise ValueError(f"No default LoRA targets for block type(s) {sorted(unknown)}: declare `lora_targets` on the "
+                         f"block class, or pass `peft.target_modules` explicitly (module name suffixes), e.g. from "
+                         f"these linear layers: {hints}.")
     return targets
 
 
@@ -166,7 +177,7 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | None, include_
 def lora_config(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
                 target_modules: list[str] | None = None, include_mlp: bool = True,
                 modules_to_save: list[str] | None = None, task_type: str | None = "CAUSAL_LM") -> LoraConfig:
-    """A `LoraConfig` whose targets cover every block of `model` (defaults from `BLOCK_LORA_TARGETS`)."""
+    """A `LoraConfig` whose targets cover every block of `model` (defaults: the blocks' `lora_targets`)."""
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,

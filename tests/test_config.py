@@ -46,6 +46,7 @@ def test_round_trip_through_json(tmp_path):
         (dict(num_hidden_layers=0), "num_hidden_layers"),
         (dict(block_pattern="S", num_hidden_layers=1, sliding_window=None), "sliding_window"),
         (dict(linear_chunk_size=0), "linear_chunk_size"),
+        (dict(block_pattern="A", num_hidden_layers=1, linear_num_key_heads="x"), "linear_num_key_heads"),  # unused
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):

@@ -13,9 +13,10 @@ from transformers import PreTrainedConfig
 
 from hybridzoo import HybridConfig, HybridForCausalLM
 from hybridzoo.modeling import CACHE_NAME
+from hybridzoo.modeling.blocks import block_fields
 from tiny_models import tiny_config
 
-PATTERN = "AGLMRSX"  # every block type once
+PATTERN = "AGLMPRSUX"  # every block type once
 LONG = 20  # longer than the tiny sliding window and than the chunk sizes tried below
 
 # field -> a value other than the default (for `tiny_config(PATTERN)`), chosen to be valid
@@ -23,9 +24,9 @@ CHANGED = {
     "vocab_size": 80,
     "hidden_size": 48,
     "intermediate_size": 32,
-    "num_hidden_layers": 14,
-    "block_types": ["attention", "gated_deltanet", "lstm", "mlstm", "rglru", "sliding_attention", "lstm"],
-    "block_pattern": "GGLMRSX",
+    "num_hidden_layers": 18,
+    "block_types": ["attention", "gated_deltanet", "lstm", "mlstm", "rglru", "sliding_attention", "paragru"],
+    "block_pattern": "GGLMPRSUX",
     "hidden_act": "gelu",
     "max_position_embeddings": 16,  # read by dynamic RoPE scaling (checked with rope_type="dynamic")
     "initializer_range": 0.2,
@@ -63,12 +64,32 @@ CHANGED = {
     "slstm_num_heads": 2,
     "slstm_conv_kernel_dim": 0,
     "slstm_forget_gate": "exp",
+    "pararnn_width": 48,
+    "pararnn_num_heads": 2,
+    "pararnn_conv_kernel_dim": 2,
+    "rnn_solver": "sequential",  # same states to the Newton tolerance, different rounding (see tests/test_pararnn.py)
+    "newton_max_iter": 0,  # every solve finishes sequentially (rounding differs; the fallback is counted)
+    "newton_tol": 0.5,  # accepts a far-off first guess
+    "attention_output_gate": True,
+    "attention_qk_norm": True,
+    "attention_out_bias": True,
+    "rms_norm_zero_centered": True,
+    "rms_norm_bias": True,
+    "mlp_bias": True,
+    "embedding_scale": 2.0,
+    "final_logit_softcapping": 0.5,
+    "mlstm_eps": 1.0,
+    "mlstm_use_bias": True,
 }
+# fields that change how the same stored weights are read: compared with the base model's weights loaded into both
+SAME_WEIGHTS = {"rms_norm_zero_centered"}
 
 
 def _own_fields() -> list[str]:
+    """HybridConfig's own dataclass fields plus every registered block's fields (declared on the block classes)."""
     inherited = {f.name for f in dataclasses.fields(PreTrainedConfig)}
-    return [f.name for f in dataclasses.fields(HybridConfig) if f.name not in inherited]
+    own = [f.name for f in dataclasses.fields(HybridConfig) if f.name not in inherited]
+    return own + list(block_fields())
 
 
 def test_every_field_is_covered():
@@ -117,6 +138,14 @@ def test_field_changes_the_model(field):
         rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
         base, changed = {"rope_parameters": dict(rope)}, {"rope_parameters": dict(rope), field: CHANGED[field]}
     train = field == "attention_dropout"  # dropout acts in training mode only
+    if field in SAME_WEIGHTS:
+        torch.manual_seed(0)
+        base_model, changed_model = HybridForCausalLM(_config(**base)), HybridForCausalLM(_config(**changed))
+        changed_model.load_state_dict(base_model.state_dict())
+        input_ids = torch.randint(8, 64, (2, LONG), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert not torch.equal(base_model(input_ids).logits, changed_model(input_ids).logits), field
+        return
     assert _differs(_observe(_config(**base), train), _observe(_config(**changed), train)), field
 
 

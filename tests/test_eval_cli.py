@@ -54,7 +54,8 @@ def test_text_level_scores_equal_token_level_scores_under_the_task_tokenizer(tmp
 
     torch.manual_seed(0)
     config = zoo_config("lstm-attention", "tiny", vocab_size=TEXT_TASK_VOCABULARY, hidden_size=32,
-                        num_hidden_layers=2, intermediate_size=0, num_attention_heads=2, num_key_value_heads=1)
+                        num_hidden_layers=2, block_pattern="LA", intermediate_size=0, num_attention_heads=2,
+                        num_key_value_heads=1)
     model = HybridForCausalLM(config).eval()
     tokenizer = task_tokenizer(TEXT_TASK_VOCABULARY)
     task = make_task("passkey", vocab_size=TEXT_TASK_VOCABULARY, seq_len=64, depth=0.5)

@@ -9,7 +9,7 @@ from hybridzoo import HybridForCausalLM
 from tiny_models import tiny_config
 
 
-@pytest.mark.parametrize("pattern", ["G", "R", "X"])
+@pytest.mark.parametrize("pattern", ["G", "R", "X", "U", "P"])
 def test_short_convs_start_with_pytorch_default_scale(pattern):
     torch.manual_seed(0)
     model = HybridForCausalLM(tiny_config(pattern * 2, slstm_conv_kernel_dim=4))

@@ -186,3 +186,28 @@ def test_float32_long_sequence_stays_close_to_float64():
     y32, _ = block.float()(x.float())
     assert (y32.double() - y64).abs().max() < 1e-4 * max(1.0, y64.abs().max().item())
     assert math.isfinite(y32.sum().item())
+
+
+def test_sqrt_gradient_is_bounded_like_recurrent_gemma():
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import SqrtBoundDerivative
+
+    from hybridzoo.modeling.block_rglru import _SqrtBoundedGrad
+
+    x = torch.tensor([0.0, 1e-9, 1e-7, 2.5e-7, 1e-3, 0.5], dtype=torch.float64, requires_grad=True)
+    (ours,) = torch.autograd.grad(_SqrtBoundedGrad.apply(x).sum(), x)
+    (theirs,) = torch.autograd.grad(SqrtBoundDerivative.apply(x).sum(), x)
+    torch.testing.assert_close(ours, theirs)
+    assert ours.max().item() == pytest.approx(1000.0)
+
+
+def test_first_token_of_a_sequence_enters_unscaled():
+    """A fresh call (no state) and a reset both use input multiplier 1 at their first token (RecurrentGemma)."""
+    block = _block()
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    y_fresh, _ = block(x[:, :1])
+    zero_state = (torch.zeros(1, 3, 32, dtype=torch.float64), torch.zeros(1, 32, dtype=torch.float64))
+    y_continued, _ = block(x[:, :1], zero_state)  # a continuation from a zero state scales by sqrt(1 - a^2)
+    reset = torch.tensor([[True]])
+    y_reset, _ = block(x[:, :1], zero_state, reset=reset)
+    torch.testing.assert_close(y_reset, y_fresh)
+    assert not torch.allclose(y_fresh, y_continued)

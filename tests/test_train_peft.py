@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hybridzoo import HybridForCausalLM
-from hybridzoo.recipes.peft_utils import BLOCK_LORA_TARGETS, apply_lora, load_lora, lora_config
+from hybridzoo.modeling.block_gated_deltanet import HybridGatedDeltaNet
+from hybridzoo.recipes.peft_utils import apply_lora, block_lora_targets, default_lora_targets, load_lora, lora_config
 from tiny_models import MIXED_PATTERNS, tiny_config
 
 PACKED_POSITIONS = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]] * 2)  # packed rows take the LSTM's step loop
@@ -26,7 +27,7 @@ def test_lora_covers_every_block_and_round_trips(pattern, tmp_path):
     peft_model = apply_lora(model, config)
     targeted = set(peft_model.targeted_module_names)
     for index, layer in enumerate(model.model.layers):
-        for suffix in BLOCK_LORA_TARGETS[layer.block_type]:
+        for suffix in block_lora_targets(type(layer.mixer)):
             assert f"model.layers.{index}.{suffix}" in targeted
     assert not any("conv1d" in name or "lm_head" in name for name in targeted)
     adapted = outputs(peft_model, input_ids)
@@ -72,6 +73,19 @@ def test_a_target_that_matches_nothing_is_an_error():
 
 def test_an_unknown_block_type_asks_for_explicit_targets(monkeypatch):
     model = HybridForCausalLM(tiny_config("GA"))
-    monkeypatch.delitem(BLOCK_LORA_TARGETS, "gated_deltanet")
+    monkeypatch.setattr(HybridGatedDeltaNet, "lora_targets", ())
     with pytest.raises(ValueError, match=r"No default LoRA targets for block type\(s\) \['gated_deltanet'\].*q_proj"):
         lora_config(model)
+
+
+def test_a_plain_lora_config_works_as_for_llama():
+    """`import hybridzoo` registers PEFT defaults: no `target_modules` needed; the targets are the blocks' own, except
+    the LSTM cell, which needs hybridzoo's own LoRA layer (`lora_config`)."""
+    from peft import LoraConfig, get_peft_model
+
+    pattern = MIXED_PATTERNS[-1]
+    model = HybridForCausalLM(tiny_config(pattern))
+    expected = {name for name in default_lora_targets(model) if not name.endswith("mixer.lstm")}
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4))
+    assert set(peft_model.targeted_module_names) == expected
+    assert any(name.endswith("mixer.b_proj") for name in expected) and any("mlp.up_proj" in n for n in expected)
