@@ -121,3 +121,14 @@ def test_model_logits_when_asked():
     model.eval()
     assert model(input_ids=input_ids, labels=input_ids, skip_logits=True).logits is None
     assert model(input_ids=input_ids, labels=input_ids).logits is not None  # eval default: logits for metrics
+
+
+def test_soft_capped_logits_keep_the_plain_loss():
+    model = HybridForCausalLM(tiny_config("GA", final_logit_softcapping=0.5))
+    input_ids = torch.randint(3, 64, (1, 9))
+    model.eval()
+    expected = model(input_ids=input_ids, labels=input_ids).loss
+    model.train()
+    out = model(input_ids=input_ids, labels=input_ids)
+    assert out.logits is not None  # the chunked head has no soft-capping: the plain path runs
+    torch.testing.assert_close(out.loss, expected)
