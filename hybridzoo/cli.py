@@ -19,6 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("hybridzoo.quickstart", "train, evaluate, publish and reload a small hybrid, end to end"),
     "zoo": ("hybridzoo.configs.zoo", "list the zoo's architectures, or show one config"),
     "train": ("hybridzoo.recipes.cli", "train a model from a YAML recipe (pretraining, tasks, LoRA, ...)"),
+    "distill": (
+        "hybridzoo.recipes.cli_distill",
+        "turn a pretrained transformer into a Gated DeltaNet hybrid (align, then logit distillation)",
+    ),
     "eval": ("hybridzoo.evaluation.harness", "run the retrieval / long-context eval suites on models"),
     "compare": ("hybridzoo.evaluation.compare", "train zoo architectures on one synthetic task, side by side"),
     "push": ("hybridzoo.hub", "upload a saved model or adapter folder to the Hugging Face Hub"),

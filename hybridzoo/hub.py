@@ -5,6 +5,7 @@ model card (`hybridzoo.model_card`). What is uploaded, if present:
 
     config.json, *.safetensors (+ index), generation_config.json, the remote code (*.py, checked against `auto_map`),
     tokenizer files, recipe.yaml, metrics.jsonl, loss_curve.png, eval/results.jsonl, eval/results.md, eval/*.png,
+    eval/distillation.md and .json (`hybridzoo distill`'s report),
     adapter_config.json + adapter_model.safetensors (adapters), and README.md (the card).
 
 Everything else (`checkpoints/`, TensorBoard logs, optimizer states) stays local. Only safetensors weights are
@@ -49,9 +50,9 @@ TOKENIZER_FILES = (
 )
 RUN_FILES = ("config.json", "generation_config.json", "recipe.yaml", "metrics.jsonl", "loss_curve.png",
              "model.safetensors.index.json", "adapter_config.json")
-EVAL_FILES = ("results.jsonl", "results.md")
+EVAL_FILES = ("results.jsonl", "results.md", "distillation.md", "distillation.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-LOCAL_ONLY_FOLDERS = ("checkpoints", "tensorboard", ".cache", ".git")
+LOCAL_ONLY_FOLDERS = ("checkpoints", "tensorboard", ".cache", ".git", "runs")  # runs/: distill stages
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 
 

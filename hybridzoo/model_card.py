@@ -75,6 +75,14 @@ def read_eval_results(folder: Path) -> list[dict]:
     return rows
 
 
+def rows_of_model(rows: list[dict], model_name: str) -> list[dict]:
+    """This model's rows of an eval file that may compare several models: those whose `model` field is its name
+    (the folder name, as `hybridzoo eval` writes it). Files without that field are returned whole."""
+    if len({row.get("model") for row in rows}) > 1 and any(row.get("model") == model_name for row in rows):
+        return [row for row in rows if row.get("model") == model_name]
+    return rows
+
+
 def summarize_eval(rows: list[dict]) -> list[dict]:
     """One entry per (architecture, task, length, depth, metric): the mean over seeds, its CI when given, n seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -172,6 +180,14 @@ def _recipe_section(recipe: dict, folder: Path) -> list[str]:
     if len(lines) == 2:
         lines += ["No training recipe or metrics were saved with this model.", ""]
     return lines
+
+
+def _distillation_section(folder: Path) -> list[str]:
+    """The report `hybridzoo distill` writes (`eval/distillation.md`); its plot is shown with the eval plots."""
+    path = folder / "eval" / "distillation.md"
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if not line.startswith("![")] + [""]
 
 
 def _eval_section(summary: list[dict], folder: Path) -> list[str]:
@@ -276,7 +292,7 @@ def build_model_card(
     repo_id = repo_id or f"your-name/{folder.resolve().name}"
     recipe = read_recipe(folder)
     is_adapter = (folder / "adapter_config.json").exists()
-    summary = summarize_eval(read_eval_results(folder))
+    summary = summarize_eval(rows_of_model(read_eval_results(folder), folder.resolve().name))
     architecture = (recipe.get("model") or {}).get("zoo")
     model_name = repo_id.split("/")[-1]
     eval_results = eval_results_for_index(summary, model_name, architecture) or None
@@ -328,6 +344,7 @@ def build_model_card(
         body += _architecture_section(folder, weights)
         body += _usage_section(repo_id, pipeline_tag)
     body += _recipe_section(recipe, folder)
+    body += _distillation_section(folder)
     body += _eval_section(summary, folder)
     body += ["## Limitations", "", *(f"- {item}" for item in LIMITATIONS), ""]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body))

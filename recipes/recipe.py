@@ -97,8 +97,42 @@ class PeftSection:
 
 
 @dataclass
+class DistillSection:
+    """`kind: distill` only: which attention layers of the teacher (`model.from_pretrained`) become Gated DeltaNet
+    layers, and the two stages (recipes/distill.py). `train` holds the logit-distillation stage's optimizer settings."""
+
+    # which layers are replaced: exactly one of the three
+    student_pattern: str | None = None  # e.g. GGGA, repeated over the depth: G replaced, A the teacher's kept
+    replace_layers: list | None = None  # explicit layer indices to replace
+    select: str | None = None  # "kl": align every attention layer, keep the `keep_attention` whose swap costs most KL
+    keep_attention: int = 2  # select only
+    select_batches: int = 4  # select only: training micro-batches the KL of each swap is measured on
+    conv_init: str = "identity"  # identity (the conv starts as a pass-through) | fresh (the block's own init)
+    # stage 1: per-layer alignment of each new mixer's output to the teacher attention's (MSE), teacher inputs
+    align_steps: int = 100
+    align_lr: float = 3.0e-3
+    align_warmup_steps: int = 10
+    # stage 2: end-to-end logit distillation, KL(teacher || student) at `temperature` (+ `ce_weight` * next-token CE)
+    temperature: float = 2.0
+    ce_weight: float = 0.0
+    freeze: list = field(default_factory=list)  # stage 2 (full, not LoRA): embeddings, mlp, norms, attention
+    # the same hybrid trained from scratch on as many tokens as both stages together (the report's baseline)
+    scratch: bool = True
+    scratch_lr: float = 3.0e-3  # warm-up: a tenth of its steps
+    # the report
+    report: bool = True
+    eval_rows: int = 256  # held-out rows for the losses (at most; all of them when fewer)
+    decode_lengths: list = field(default_factory=lambda: [1024, 16384])
+    decode_tokens: int = 16
+    retrieval_examples: int = 100
+    mqar_slices: list = field(default_factory=lambda: [[64, 4], [128, 8], [256, 16]])  # [length, kv pairs]
+    needle_lengths: list = field(default_factory=lambda: [128, 256])  # text-level needle tasks, words
+
+
+@dataclass
 class Recipe:
     output_dir: str
+    kind: str = "train"  # train (`hybridzoo train`) | distill (`hybridzoo distill`: model.from_pretrained teaches)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
@@ -106,6 +140,7 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     peft: PeftSection = field(default_factory=PeftSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     description: str = ""
 
     def to_dict(self) -> dict:
@@ -294,3 +329,56 @@ def validate(recipe: Recipe) -> None:
            "list module name suffixes, e.g. [mixer.q_proj, mlp.up_proj], or null for the per-block defaults.")
     _check(not p.enabled or m.from_pretrained is not None, "peft.enabled",
            "LoRA fine-tunes a saved model: set model.from_pretrained (and drop model.zoo).")
+    _check(recipe.kind in ("train", "distill"), "kind", "use train (hybridzoo train) or distill (hybridzoo distill).")
+    if recipe.kind == "distill":
+        validate_distill(recipe)
+
+
+FREEZABLE = ("embeddings", "mlp", "norms", "attention")
+
+
+def validate_distill(recipe: Recipe) -> None:
+    """A distill recipe: a saved causal LM teaches on text, one way of choosing layers, sane stage settings."""
+    m, d, s = recipe.model, recipe.data, recipe.distill
+    _check(m.from_pretrained is not None, "model.from_pretrained",
+           "a distill recipe starts from a teacher: set model.from_pretrained to a saved causal LM folder (e.g. "
+           "the output of `hybridzoo train pretrain_stdlib model.zoo=transformer`) and drop model.zoo.")
+    _check(m.head == "causal_lm", "model.head", "distillation trains a causal_lm student.")
+    _check(d.source in ("stdlib", "files", "dataset"), "data.source",
+           "distillation reads text: use stdlib, files or dataset (the teacher's tokenizer is used).")
+    chosen = [name for name in ("student_pattern", "replace_layers", "select") if getattr(s, name) is not None]
+    _check(len(chosen) == 1, "distill.student_pattern",
+           f"choose the replaced layers one way, got {chosen or 'none'}: distill.student_pattern (e.g. GGGA), "
+           "distill.replace_layers (e.g. [0, 1, 2]) or distill.select: kl (only one of them).")
+    if s.student_pattern is not None:
+        _check(bool(s.student_pattern) and set(s.student_pattern) <= {"G", "A"}, "distill.student_pattern",
+               f"{s.student_pattern!r}: use the letters G (replace by Gated DeltaNet) and A (keep attention).")
+    if s.replace_layers is not None:
+        _check(bool(s.replace_layers) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                              for i in s.replace_layers), "distill.replace_layers",
+               "list layer indices (0-based), e.g. [0, 1, 2, 4, 5, 6].")
+    if s.select is not None:
+        _check(s.select == "kl", "distill.select", "the measured criterion is kl (see recipes/distill.py).")
+        _check(s.keep_attention >= 0, "distill.keep_attention", "keep 0 or more attention layers.")
+        _check(s.select_batches >= 1, "distill.select_batches", "measure on at least 1 batch.")
+    _check(s.conv_init in ("identity", "fresh"), "distill.conv_init", "use identity or fresh.")
+    _check(s.align_steps >= 0, "distill.align_steps", "use 0 (no alignment stage) or more steps.")
+    _check(s.align_lr > 0, "distill.align_lr", "the learning rate must be positive, e.g. 3e-3.")
+    _check(s.align_steps == 0 or 0 <= s.align_warmup_steps < s.align_steps, "distill.align_warmup_steps",
+           f"warm-up must be shorter than distill.align_steps ({s.align_steps}).")
+    _check(s.temperature > 0, "distill.temperature", "use a positive temperature, e.g. 2.0.")
+    _check(s.ce_weight >= 0, "distill.ce_weight", "use a non-negative weight (0: pure distillation).")
+    unknown = [name for name in s.freeze if name not in FREEZABLE]
+    _check(not unknown, "distill.freeze", f"unknown parts {unknown}; choose from {', '.join(FREEZABLE)}.")
+    _check(not (s.freeze and recipe.peft.enabled), "distill.freeze",
+           "LoRA (peft.enabled) already freezes every base weight; leave distill.freeze empty.")
+    _check(s.scratch_lr > 0, "distill.scratch_lr", "the learning rate must be positive, e.g. 3e-3.")
+    _check(s.eval_rows >= 1, "distill.eval_rows", "evaluate at least 1 held-out row.")
+    _check(all(isinstance(n, int) and n >= 1 for n in s.decode_lengths), "distill.decode_lengths",
+           "list context lengths, e.g. [1024, 16384], or [] to skip decode timing.")
+    _check(s.decode_tokens >= 1, "distill.decode_tokens", "time at least 1 decoded token.")
+    _check(s.retrieval_examples >= 0, "distill.retrieval_examples", "use 0 (skip retrieval) or more examples.")
+    _check(all(isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and v > 0 for v in x)
+               for x in s.mqar_slices), "distill.mqar_slices", "list [length, kv pairs] pairs, e.g. [[64, 4]].")
+    _check(all(isinstance(n, int) and n > 0 for n in s.needle_lengths), "distill.needle_lengths",
+           "list lengths in words, e.g. [128, 256].")

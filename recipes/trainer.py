@@ -1,9 +1,12 @@
 """The training loop: one recipe, one process or many (`accelerate launch`), checkpoints that survive a kill.
 
 Read top to bottom: build the model, prepare the data, then for every optimizer step run `grad_accum` micro-batches,
-clip, step, log, evaluate and checkpoint. A checkpoint is written into a temporary folder and renamed into place, so
-a kill at any moment leaves the previous one intact; `resume=True` continues from the newest complete one and, on
-CPU, reaches exactly the weights of an uninterrupted run (same data positions, RNG states, optimizer and schedule).
+clip, step, log, evaluate and checkpoint. What a micro-batch's loss is, and which weights train, comes from an
+objective (`LanguageModelLoss` by default; distillation plugs in its stages, see recipes/distill.py).
+
+A checkpoint is written into a temporary folder and renamed into place, so a kill at any moment leaves the previous
+one intact; `resume=True` continues from the newest complete one and, on CPU, reaches exactly the weights of an
+uninterrupted run (same data positions, RNG states, optimizer and schedule).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from hybridzoo.recipes.data import PreparedData, prepare_data
-from hybridzoo.recipes.recipe import Recipe, load_recipe
+from hybridzoo.recipes.recipe import Recipe, RecipeError, load_recipe
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -80,6 +83,24 @@ def compute_loss(model, batch: dict, head: str) -> tuple[torch.Tensor, torch.Ten
     counted = labels != -100
     correct = ((logits.argmax(-1) == labels) & counted).sum()
     return loss, correct, counted.sum()
+
+
+class LanguageModelLoss:
+    """The default objective: the model's own next-token (or classification) loss; every weight trains.
+
+    An objective is what the loop asks for a micro-batch's loss. `setup` runs once on the built model (and its LoRA
+    wrapper), before the optimizer collects the trainable weights: an objective may freeze weights there, or move
+    what it needs (a teacher) to the device. `__call__` returns (mean loss, correct predictions, counted
+    predictions). Objectives hold no state of their own that training changes, so checkpoints need nothing from them.
+    """
+
+    name = "lm"
+
+    def setup(self, model, accelerator) -> None:
+        pass
+
+    def __call__(self, model, batch: dict, head: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return compute_loss(model, batch, head)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,26 +226,42 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, data: PreparedData, recipe: Recipe) -> dict:
+def evaluate(accelerator, model, data: PreparedData, recipe: Recipe, objective=None) -> dict:
+    """Held-out loss and accuracy of the model itself; with another objective, also its loss (`val_<name>`)."""
     model.eval()
-    totals = torch.zeros(3)  # loss sum, correct, counted
+    totals = torch.zeros(4)  # loss sum, correct, counted, objective loss sum
+    extra = objective is not None and not isinstance(objective, LanguageModelLoss)
     for index in range(accelerator.process_index, recipe.eval.batches, accelerator.num_processes):
-        batch = data.validation.fixed_batch(index, recipe.train.micro_batch_size)
+        batch = {k: v.to(accelerator.device) for k, v in
+                 data.validation.fixed_batch(index, recipe.train.micro_batch_size).items()}
         with accelerator.autocast():
             loss, correct, counted = compute_loss(model, batch, recipe.model.head)
-        totals += torch.stack([loss.float() * counted, correct.float(), counted.float()])
+            objective_loss = objective(model, batch, recipe.model.head)[0] if extra else torch.zeros(())
+        totals += torch.stack([loss.float() * counted, correct.float(), counted.float(),
+                               objective_loss.float().cpu() * counted])
     totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
     model.train()
     counted = max(float(totals[2]), 1.0)
-    return {"val_loss": float(totals[0]) / counted, "val_accuracy": float(totals[1]) / counted}
+    result = {"val_loss": float(totals[0]) / counted, "val_accuracy": float(totals[1]) / counted}
+    if extra:
+        result[f"val_{objective.name}"] = float(totals[3]) / counted
+    return result
 
 
-def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None, resume: bool = False) -> dict:
-    """Run a recipe to the end; returns a summary (also in `output_dir/summary.json`)."""
+def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None, resume: bool = False,
+          objective=None) -> dict:
+    """Run a recipe to the end; returns a summary (also in `output_dir/summary.json`).
+
+    `objective` (default `LanguageModelLoss()`) gives each micro-batch's loss and may freeze weights first.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     recipe = load_recipe(recipe, overrides)
+    if recipe.kind != "train":
+        raise RecipeError(f"kind: this is a {recipe.kind} recipe; run it with `hybridzoo {recipe.kind}` "
+                          f"(Python: hybridzoo.recipes.{recipe.kind}).")
+    objective = objective or LanguageModelLoss()
     output_dir = Path(recipe.output_dir)
     precision = {"fp32": "no", "bf16": "bf16"}[recipe.train.precision]
     # cpu=True when there is no GPU: the only way `accelerate launch --multi_gpu` gives real (gloo) DDP on CPU
@@ -253,6 +290,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         config = lora_config(model, p.r, p.alpha, p.dropout, p.target_modules, p.include_mlp, modules_to_save,
                              task_type)
         model = apply_lora(model, config)
+    objective.setup(model, accelerator)
     trainable = [param for param in model.parameters() if param.requires_grad]
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
         f"({sum(p.numel() for p in trainable) / 1e6:.3f}M trainable), blocks {model.config.block_types}")
@@ -289,7 +327,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
             sync = micro == t.grad_accum - 1
             # no gradient all-reduce until the last micro-batch of the step
             with accelerator.no_sync(model) if not sync else nullcontext(), accelerator.autocast():
-                loss, _, _ = compute_loss(model, batch, recipe.model.head)
+                loss, _, _ = objective(model, batch, recipe.model.head)
                 accelerator.backward(loss / t.grad_accum)
             losses.append(loss.detach().float())
             state["micro_batches"] += 1
@@ -316,7 +354,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
             record["grad_norm"] = float(grad_norm)
         last_step = state["step"] == t.max_steps
         if (recipe.eval.every and state["step"] % recipe.eval.every == 0) or last_step:
-            last_eval = evaluate(accelerator, model, data, recipe)
+            last_eval = evaluate(accelerator, model, data, recipe, objective)
             record.update(last_eval)
         metrics.write(record)
         progress.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
