@@ -9,6 +9,10 @@ the keys and values of Llama's `DynamicCache`.
 
     python benchmarks/bench_decode.py            # contexts 256, 1024, 4096, 16384 (several minutes)
     python benchmarks/bench_decode.py --quick    # smoke run, < 60 s
+    python benchmarks/bench_decode.py --batch 16 --contexts 8192 --archs qwen3-next-style   # batched decoding
+
+With `--batch N`, N sequences (different random prompts) are prefilled and decoded together; the table then also
+gives tokens/s (N tokens per step).
 
 Ends with one `RATIO ...` line per target (see benchmarks/RESULTS.md).
 """
@@ -24,6 +28,7 @@ from common import (
     CLOCKS,
     add_common_arguments,
     count_parameters,
+    load_average,
     machine_info,
     markdown_table,
     matched_intermediate_size,
@@ -68,10 +73,10 @@ def prefill(model: nn.Module, cache, tokens: torch.Tensor, chunk: int):
 
 
 @torch.no_grad()
-def decode_ms(model: nn.Module, cache, steps: int, clock: str) -> list[float]:
-    """Milliseconds of each of `steps` greedy single-token forwards continuing `cache` (which they extend)."""
+def decode_ms(model: nn.Module, cache, steps: int, clock: str, batch: int = 1) -> list[float]:
+    """Milliseconds of each of `steps` greedy single-token forwards (one token per row) continuing `cache`."""
     now = CLOCKS[clock]
-    token = torch.tensor([[1]])
+    token = torch.ones(batch, 1, dtype=torch.long)
     times = []
     for _ in range(steps):
         start = now()
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per context (default 32)")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward")
     parser.add_argument("--prefill-threads", type=int, default=None, help="threads for the untimed prefill")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     args = parser.parse_args(argv)
     contexts = [int(x) for x in (args.contexts or ("64,256" if args.quick else "256,1024,4096,16384")).split(",")]
     archs = args.archs.split(",") if args.archs else list(ARCHITECTURES)
@@ -121,9 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     prefill_threads = args.prefill_threads or args.threads
 
     info = machine_info(args.threads, args.clock)
-    print_header("Decoding: ms per token and cache bytes after a prefill, batch 1, fp32", info)
+    print_header(f"Decoding: ms per step and cache bytes after a prefill, batch {args.batch}, fp32", info)
     models = build_models(archs, args.vocab, max(contexts))
-    tokens = torch.randint(2, args.vocab, (1, max(contexts)), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(2, args.vocab, (args.batch, max(contexts)), generator=generator)
     ms: dict[str, dict[int, float]] = {name: {} for name in models}
     nbytes: dict[str, dict[int, int]] = {name: {} for name in models}
     for name, model in models.items():
@@ -134,30 +141,53 @@ def main(argv: list[str] | None = None) -> None:
             seen = context
             nbytes[name][context] = cache_bytes(cache)
             torch.set_num_threads(args.threads)
-            decode_ms(model, copy.deepcopy(cache), 2, args.clock)  # warm-up
-            ms[name][context] = statistics.median(decode_ms(model, copy.deepcopy(cache), steps, args.clock))
+            decode_ms(model, copy.deepcopy(cache), 2, args.clock, args.batch)  # warm-up
+            times = decode_ms(model, copy.deepcopy(cache), steps, args.clock, args.batch)
+            ms[name][context] = statistics.median(times)
         print(f"  {name}: " + ", ".join(f"{c}: {ms[name][c]:.2f} ms" for c in contexts), flush=True)
 
-    headers = ["model", "params"] + [f"ctx {c}: ms/token" for c in contexts] + [f"cache @ {contexts[-1]}"]
+    unit = "ms/token" if args.batch == 1 else f"ms/step ({args.batch} tokens), tok/s"
+    headers = ["model", "params"] + [f"ctx {c}: {unit}" for c in contexts] + [f"cache @ {contexts[-1]}"]
     headers += ["cache ×Llama"]
     rows = []
     for name, model in models.items():
         last = nbytes[name][contexts[-1]]
+        if args.batch == 1:
+            cells = [f"{ms[name][c]:.2f}" for c in contexts]
+        else:
+            cells = [f"{ms[name][c]:.2f}, {1e3 * args.batch / ms[name][c]:,.0f}" for c in contexts]
         rows.append(
-            [name, f"{count_parameters(model) / 1e6:.2f}M"]
-            + [f"{ms[name][c]:.2f}" for c in contexts]
+            [name, f"{count_parameters(model) / 1e6:.2f}M", *cells]
             + [f"{last / 2**20:,.2f} MiB", f"{last / nbytes[LLAMA][contexts[-1]]:.3f}"]
         )
     print()
     print(markdown_table(headers, rows))
-    print(f"\nmedian of {steps} decode steps per cell; prefill chunk {args.prefill_chunk}\n")
-    write_json(args.json, {"machine": info, "ms_per_token": ms, "cache_bytes": nbytes, "steps": steps})
+    print(
+        f"\nmedian of {steps} decode steps per cell; prefill chunk {args.prefill_chunk}; "
+        f"load average at the end {load_average()}\n"
+    )
+    write_json(
+        args.json,
+        {"machine": info, "batch": args.batch, "ms_per_step": ms, "cache_bytes": nbytes, "steps": steps},
+    )
 
     reference = 1024 if 1024 in contexts else contexts[0]
     last = contexts[-1]
-    if "gated-deltanet" in ms:
-        growth = ms["gated-deltanet"][last] / ms["gated-deltanet"][reference]
-        print(ratio_line(f"gated-deltanet ms/token ctx {last} / ctx {reference}", growth, "<= 1.15x", growth <= 1.15))
+    if args.batch > 1:
+        if "qwen3-next-style" in ms:
+            speedup = ms[LLAMA][last] / ms["qwen3-next-style"][last]
+            name = f"qwen3-next-style / LlamaForCausalLM tokens/s, {args.batch} sequences at ctx {last}"
+            print(ratio_line(name, speedup, ">= 2x", speedup >= 2.0))
+        return
+    for name in ms:
+        # the recurrent architectures: a cache that does not grow with the context
+        if name != LLAMA and len(contexts) > 1 and nbytes[name][last] == nbytes[name][reference]:
+            growth = ms[name][last] / ms[name][reference]
+            print(ratio_line(f"{name} ms/token ctx {last} / ctx {reference}", growth, "<= 1.15x", growth <= 1.15))
+    if "qwen3-next-style" in ms:
+        slower = ms["qwen3-next-style"][reference] / ms[LLAMA][reference]
+        name = f"qwen3-next-style / LlamaForCausalLM ms/token at ctx {reference}"
+        print(ratio_line(name, slower, "<= 1.0x", slower <= 1.0))
     if "qwen3-next-style" in nbytes:
         share = nbytes["qwen3-next-style"][last] / nbytes[LLAMA][last]
         print(

@@ -61,6 +61,33 @@ def best_of(candidates: dict[str, Callable[[], object]], repeats: int, clock: st
     return best
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_of(fn: Callable[[], object]) -> int | None:
+    """Bytes by which this process's peak resident memory rose above its resident memory at the start of `fn()`
+    (activations, gradients, temporaries of one call; Linux only: resets the peak via /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _status_kib("VmRSS")
+    except (OSError, RuntimeError):
+        return None
+    fn()
+    return 1024 * (_status_kib("VmHWM") - before)
+
+
+def load_average() -> str:
+    """`uptime`'s three load averages: how busy the (possibly shared) machine was."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def machine_info(threads: int, clock: str) -> dict:
     """What the numbers were measured on: CPU model, core count, versions, threads, clock, date."""
     cpu = platform.processor() or "unknown"
@@ -82,6 +109,7 @@ def machine_info(threads: int, clock: str) -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "load_average": load_average(),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
 
@@ -90,7 +118,8 @@ def print_header(title: str, info: dict) -> None:
     print(f"# {title}\n")
     print(
         f"{info['cpu']}, {info['cores']} cores, {info['threads']} intra-op thread(s), clock: {info['clock']}; "
-        f"torch {info['torch']}, transformers {info['transformers']}; {info['date']}\n"
+        f"torch {info['torch']}, transformers {info['transformers']}; {info['date']}; "
+        f"load average {info['load_average']} (1, 5, 15 min)\n"
     )
 
 

@@ -472,6 +472,109 @@ XLSTM = CheckpointMap(
     "`weight_mode` single and fused",
 )
 
+# ---------------------------------------------------------------------------------------------------- Mamba-2
+_MAMBA_MIXER_KEYS = (
+    *(f"{n}.{k}" for n in ("in_proj", "out_proj", "conv1d") for k in _BOTH),
+    "dt_bias", "A_log", "D", "norm.weight",
+)
+
+
+def _mamba_limits(time_step_limit) -> dict:
+    low, high = time_step_limit if time_step_limit is not None else (0.0, float("inf"))
+    return dict(mamba_dt_min_limit=low, mamba_dt_max_limit=None if high == float("inf") else high)
+
+
+def _mamba_fields(source, act: str, heads: int, head_dim: int, groups: int, d_state: int, d_conv: int,
+                  conv_bias: bool, proj_bias: bool, inner: int) -> dict:
+    if act != "silu":
+        raise UnsupportedCheckpoint(
+            f"`hidden_act` = {act!r}: the Mamba-2 mixer applies it after its conv, where hybridzoo's block uses SiLU "
+            "(as every released model does)."
+        )
+    if heads * head_dim != inner:
+        raise UnsupportedCheckpoint(
+            f"Mamba-2 heads x head_dim = {heads} x {head_dim} != the mixer's inner width {inner}: transformers' "
+            "own mixer could not run this config."
+        )
+    return dict(
+        mamba_num_heads=heads, mamba_head_dim=head_dim, mamba_n_groups=groups, mamba_d_state=d_state,
+        mamba_conv_kernel=d_conv, mamba_conv_bias=conv_bias, mamba_proj_bias=proj_bias,
+        **_mamba_limits(source.time_step_limit),
+    )
+
+
+def mamba2_config(source) -> dict:
+    fields = _shared(source)
+    return dict(
+        **fields,
+        **_mamba_fields(source, source.hidden_act, source.num_heads, source.head_dim, source.n_groups,
+                        source.state_size, source.conv_kernel, source.use_conv_bias, source.use_bias,
+                        int(source.expand * source.hidden_size)),
+        mamba_dt_min=source.time_step_min,
+        mamba_dt_max=source.time_step_max,
+        mamba_dt_init_floor=source.time_step_floor,
+        block_pattern="D",
+        intermediate_size=0,  # Mamba-2 layers are norm -> mixer -> residual, no MLP
+        rms_norm_eps=source.layer_norm_epsilon,
+        # no attention layers: the attention head fields only need to be consistent
+        num_attention_heads=source.num_heads,
+        num_key_value_heads=source.num_heads,
+        head_dim=source.head_dim,
+    )
+
+
+MAMBA2 = CheckpointMap(
+    architecture="Mamba2ForCausalLM",
+    model_type="mamba2",
+    config=mamba2_config,
+    weights=(
+        WeightRule("backbone.embeddings.weight", "model.embed_tokens.weight"),
+        WeightRule("backbone.norm_f.weight", "model.norm.weight"),
+        WeightRule("lm_head.weight", "lm_head.weight"),
+        WeightRule("backbone.layers.{i}.norm.weight", "model.layers.{i}.input_layernorm.weight"),
+        *(WeightRule(f"backbone.layers.{{i}}.mixer.{k}", f"model.layers.{{i}}.mixer.{k}") for k in _MAMBA_MIXER_KEYS),
+    ),
+    notes="every layer `mamba2` without MLP (same parameter names), grouped B/C, dt limits and init range; "
+    "`residual_in_fp32` only matters below fp32 (hybridzoo keeps the residual in the model dtype)",
+)
+
+
+# ---------------------------------------------------------------------------------------------------- Bamba
+def bamba_config(source) -> dict:
+    indices = set(source.attn_layer_indices or [])
+    inner = int(source.mamba_expand * source.hidden_size)
+    return dict(
+        **_shared(source),
+        **_attention(source),
+        **_mamba_fields(source, source.hidden_act, source.mamba_n_heads, source.mamba_d_head, source.mamba_n_groups,
+                        source.mamba_d_state, source.mamba_d_conv, source.mamba_conv_bias, source.mamba_proj_bias,
+                        inner),
+        intermediate_size=source.intermediate_size,
+        mlp_bias=source.mlp_bias,
+        block_types=["attention" if i in indices else "mamba2" for i in range(source.num_hidden_layers)],
+    )
+
+
+BAMBA = CheckpointMap(
+    architecture="BambaForCausalLM",
+    model_type="bamba",
+    config=bamba_config,
+    weights=(
+        WeightRule("model.embed_tokens.weight", "model.embed_tokens.weight"),
+        WeightRule("model.final_layernorm.weight", "model.norm.weight"),
+        WeightRule("lm_head.weight", "lm_head.weight"),
+        WeightRule("model.layers.{i}.input_layernorm.weight", "model.layers.{i}.input_layernorm.weight"),
+        WeightRule("model.layers.{i}.pre_ff_layernorm.weight", "model.layers.{i}.post_mixer_layernorm.weight"),
+        *_ATTENTION,
+        *(WeightRule(f"model.layers.{{i}}.feed_forward.{n}.{k}", f"model.layers.{{i}}.mlp.{n}.{k}")
+          for n in ("gate_proj", "up_proj", "down_proj") for k in _BOTH),
+        *(WeightRule(f"model.layers.{{i}}.mamba.{k}", f"model.layers.{{i}}.mixer.{k}", block="mamba2")
+          for k in _MAMBA_MIXER_KEYS),
+    ),
+    notes="Mamba-2 layers and attention at `attn_layer_indices` (half-rotary RoPE), a SwiGLU MLP after every mixer; "
+    "the training-only `z_loss_coefficient` is not carried",
+)
+
 CHECKPOINT_MAPS: dict[str, CheckpointMap] = {
-    m.architecture: m for m in (LLAMA, QWEN3_NEXT, QWEN3_5, QWEN3_5_VLM, RECURRENT_GEMMA, XLSTM)
+    m.architecture: m for m in (LLAMA, QWEN3_NEXT, QWEN3_5, QWEN3_5_VLM, RECURRENT_GEMMA, XLSTM, MAMBA2, BAMBA)
 }

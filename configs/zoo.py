@@ -58,6 +58,39 @@ ARCHITECTURES: dict[str, Architecture] = {
         "Beck et al. 2024, xLSTM (arXiv 2405.04517), the xLSTM[7:1] model",
         sizes={"base": {"num_hidden_layers": 16}},  # 7:1 needs a multiple of 8 layers
     ),
+    "mamba2": Architecture(
+        "D",
+        "all Mamba-2 (SSD), no MLP, tied embeddings; twice the depth of the shared sizes, as Mamba's papers match "
+        "Transformer sizes",
+        "Dao & Gu 2024, Mamba-2 (arXiv 2405.21060); transformers' Mamba2Config (head_dim 64, d_state 128, G = 1); "
+        "base = Mamba-2 130M (24 x 768), large = Mamba-2 1.3B (48 x 2048)",
+        {"intermediate_size": 0, "tie_word_embeddings": True},
+        sizes={
+            "tiny": {"num_hidden_layers": 16},
+            "small": {"num_hidden_layers": 16},
+            "base": {"num_hidden_layers": 24},
+            "large": {"num_hidden_layers": 48},
+        },
+    ),
+    "bamba-style": Architecture(
+        "DDDDDDDDDADDDDDDDDADDDDDDDDADDDD",
+        "Mamba-2 with full attention at layers 9, 18, 27 of 32, SwiGLU MLP after every mixer, half-rotary attention",
+        "IBM Bamba-9B (ibm-ai-platform/Bamba-9B: 32 layers, attn_layer_indices [9, 18, 27]); transformers' "
+        "BambaConfig (partial rotary 0.5, d_state 256, head_dim 64); widths scaled to each size, depth kept at 32",
+        {"partial_rotary_factor": 0.5, "mamba_d_state": 256},
+        sizes={
+            "tiny": {"num_hidden_layers": 32},
+            "small": {"num_hidden_layers": 32, "hidden_size": 192, "intermediate_size": 512},
+            "base": {
+                "num_hidden_layers": 32,
+                "hidden_size": 512,
+                "intermediate_size": 1408,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 2,
+            },
+            "large": {"num_hidden_layers": 32, "hidden_size": 1536, "intermediate_size": 4096},
+        },
+    ),
     "paragru": Architecture(
         "U",
         "all ParaGRU (GRU with diagonal recurrence), trained by Newton's method",
@@ -151,6 +184,19 @@ def two_layer_pattern(name: str) -> str:
     if pattern is None:
         raise _unknown("architecture", name, ARCHITECTURES)
     return pattern[0] + pattern[-1]
+
+
+def task_model_config(architecture: str, d_model: int, vocab_size: int, num_heads: int = 2, num_layers: int = 2,
+                      longest: int = 2048, **overrides) -> HybridConfig:
+    """Zoology's model for synthetic tasks: `num_layers` layers of `architecture` at width `d_model`, no MLP,
+    `num_heads` heads (Zoology's trade-off sweep: 2), positions up to `longest`; `overrides` are further `HybridConfig`
+    fields (e.g. `linear_allow_neg_eigval=True`, or `block_pattern="X"` for an all-sLSTM model)."""
+    fields = dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=num_layers, intermediate_size=0,
+                  num_attention_heads=num_heads, num_key_value_heads=num_heads,
+                  max_position_embeddings=max(2048, longest))
+    if num_layers == 2 and "block_pattern" not in overrides and "block_types" not in overrides:
+        fields["block_pattern"] = two_layer_pattern(architecture)  # a hybrid keeps one layer of each of its kinds
+    return zoo_config(architecture, "tiny", **{**fields, **overrides})
 
 
 def layout(name: str, depth: int) -> list[str]:

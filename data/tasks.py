@@ -5,7 +5,7 @@
   `seed`. Labels follow transformers' convention (as the training recipes do): `labels[t]` is the target of the
   model's output at position `t - 1`, and every unscored position is -100.
 - attributes `vocab_size` and `seq_len` (the length T of every row).
-Word-based tasks (passkey, NIAH, variable tracking, copy, parity) also render the very same examples as text:
+Word-based tasks (passkey, NIAH, variable tracking, copy, parity_words) also render the very same examples as text:
 `task.text_examples(n, seed) -> [{"prompt", "answer", ...}]`, scored by the log-likelihood of the answer for models
 with a real tokenizer (lm-eval's `loglikelihood`). Their `seq_len` counts word tokens of the task's own vocabulary.
 
@@ -18,12 +18,16 @@ Tasks and their sources:
   needle at `depth` of a `seq_len` context.
   The NIAH variants and `variable_tracking` follow RULER (Hsieh et al. 2024, arXiv 2404.06654; NVIDIA/RULER).
 - `variable_tracking` (RULER's VT: chains of `VAR X = VAR Y` hops), `copy` (Jelassi et al. 2024, arXiv 2402.01032),
-  `parity` (state tracking; Deletang et al. 2023, arXiv 2207.02098).
+  `parity_words` (parity with a text form; Deletang et al. 2023, arXiv 2207.02098).
+- State tracking as group word problems (running product at every position, trained short and tested long; Merrill
+  et al. 2024, arXiv 2404.08819; Grazzi et al. 2025, arXiv 2411.12537): `parity` (Z_2), `modular_addition` (Z_m,
+  `order` = m, default 5), `permutation_s3`, `permutation_s5`.
 - `lm_stream`: a synthetic document stream whose entity names recur, for loss by position and length extrapolation.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
@@ -544,12 +548,14 @@ class CopyTask(WordTask):
 
 
 @dataclass
-class ParityTask(WordTask):
-    """State tracking: `length` random bits, then `parity :` and the answer `even|odd` (Delétang et al. 2023)."""
+class ParityWordsTask(WordTask):
+    """Parity as words: `length` random bits, then `parity :` and the answer `even|odd` (Delétang et al. 2023); one
+    scored token at the end, with a text form. For training and length generalisation use `parity` (below), which
+    scores the running parity at every position."""
 
     length: int = 32
     seq_len: int = field(default=0, init=False)
-    name: str = "parity"
+    name: str = "parity_words"
 
     def __post_init__(self) -> None:
         self.seq_len = self.length + 3
@@ -558,6 +564,98 @@ class ParityTask(WordTask):
         bits = [str(b) for b in rng.integers(2, size=self.length)]
         answer = "odd" if bits.count("1") % 2 else "even"
         return [*bits, "parity", ":"], [answer], {"bits": self.length}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# State tracking as group word problems (Merrill et al. 2024; Grazzi et al. 2025, arXiv 2411.12537): read a sequence
+# of group elements, output the running product after each. Parity is Z_2, modular addition Z_m, permutation
+# composition S_n (S_5 is the smallest non-solvable group: no fixed-depth linear recurrence with positive
+# eigenvalues tracks it).
+
+
+def cyclic_group(order: int) -> tuple[list, np.ndarray]:
+    """Z_order: elements 0..order-1, product = addition mod order. Returns (elements, table[a, b] = a·b)."""
+    elements = list(range(order))
+    return elements, np.add.outer(elements, elements) % order
+
+
+def symmetric_group(degree: int) -> tuple[list, np.ndarray]:
+    """S_degree: permutations as tuples of images (`p[i]` = where `i` goes) in lexicographic order; the product
+    `a·b` applies `a` first, then `b` (sympy's `a * b`): `(a·b)[i] = b[a[i]]`."""
+    elements = list(itertools.permutations(range(degree)))
+    index = {p: i for i, p in enumerate(elements)}
+    table = np.array([[index[tuple(b[a[i]] for i in range(degree))] for b in elements] for a in elements])
+    return elements, table
+
+
+@dataclass
+class GroupWordTask:
+    """Running product of `length` uniformly random group elements. Token ids: 0 is a blank, element `e` (index in
+    the group's element list) is `1 + e`; labels use the same ids.
+
+    Row layout (seq_len = length + 1): `x_1 … x_length <blank>`; in transformers' convention `labels[t]` (the target
+    of the output that has just read `x_t`) is the product `x_1 · … · x_t`, for t = 1..length. The trailing blank
+    gives the last product a position. `score="last"` keeps only the final product (the word problem's answer, one
+    per row: the length-generalisation metric); `"all"` scores every prefix (training: a row of length L teaches
+    every length up to L)."""
+
+    group: str = "cyclic"  # cyclic | symmetric
+    order: int = 2  # cyclic: the modulus; symmetric: the degree n of S_n
+    length: int = 32
+    score: str = "all"  # all | last
+    vocab_size: int | None = None  # None: the smallest that fits (group size + 1)
+    seq_len: int = field(default=0, init=False)
+    name: str = "group_word"
+
+    def __post_init__(self) -> None:
+        if self.group not in ("cyclic", "symmetric"):
+            raise ValueError(f"{self.name}: group must be 'cyclic' or 'symmetric', got {self.group!r}")
+        if self.order < 2 or (self.group == "symmetric" and self.order > 6):
+            raise ValueError(f"{self.name}: order must be >= 2 (and <= 6 for symmetric groups), got {self.order}")
+        if self.score not in ("all", "last"):
+            raise ValueError(f"{self.name}: score must be 'all' or 'last', got {self.score!r}")
+        if self.length < 1:
+            raise ValueError(f"{self.name}: length must be >= 1, got {self.length}")
+        size = len(self.elements)
+        if self.vocab_size is None:
+            self.vocab_size = size + 1
+        elif self.vocab_size < size + 1:
+            raise ValueError(f"{self.name}: vocab_size must be >= {size + 1} (blank + {size} elements), "
+                             f"got {self.vocab_size}")
+        self.seq_len = self.length + 1
+
+    @property
+    def elements(self) -> list:
+        return _group(self.group, self.order)[0]
+
+    @property
+    def table(self) -> np.ndarray:
+        return _group(self.group, self.order)[1]
+
+    def element_batch(self, batch_size: int, seed: int) -> np.ndarray:
+        """The element indices `[B, length]` of `batch(batch_size, seed)` (for tests and analysis)."""
+        return _rng(seed).integers(len(self.elements), size=(batch_size, self.length))
+
+    def batch(self, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+        elements = self.element_batch(batch_size, seed)
+        products = np.empty_like(elements)
+        running = elements[:, 0]
+        products[:, 0] = running
+        for t in range(1, self.length):
+            running = self.table[running, elements[:, t]]
+            products[:, t] = running
+        input_ids = np.zeros((batch_size, self.seq_len), dtype=np.int64)
+        input_ids[:, : self.length] = elements + 1
+        labels = np.full((batch_size, self.seq_len), IGNORE, dtype=np.int64)
+        labels[:, 1:] = products + 1
+        if self.score == "last":
+            labels[:, 1:-1] = IGNORE
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
+
+
+@lru_cache(maxsize=16)
+def _group(group: str, order: int) -> tuple[list, np.ndarray]:
+    return cyclic_group(order) if group == "cyclic" else symmetric_group(order)
 
 
 @dataclass
@@ -616,7 +714,11 @@ TASKS: dict[str, tuple[type, dict]] = {
     "niah_multikey": (NIAHMultiKeyTask, {}),
     "variable_tracking": (VariableTrackingTask, {}),
     "copy": (CopyTask, {}),
-    "parity": (ParityTask, {}),
+    "parity_words": (ParityWordsTask, {}),
+    "parity": (GroupWordTask, {"group": "cyclic", "order": 2, "name": "parity"}),
+    "modular_addition": (GroupWordTask, {"group": "cyclic", "order": 5, "name": "modular_addition"}),
+    "permutation_s3": (GroupWordTask, {"group": "symmetric", "order": 3, "name": "permutation_s3"}),
+    "permutation_s5": (GroupWordTask, {"group": "symmetric", "order": 5, "name": "permutation_s5"}),
     "lm_stream": (LMStreamTask, {}),
 }
 
@@ -638,7 +740,7 @@ def task_params(task) -> dict:
     """The parameters that rebuild `task` with `make_task(task.name, **task_params(task))`."""
     params = asdict(task)
     params.pop("name", None)
-    if isinstance(task, CopyTask | ParityTask):
+    if isinstance(task, CopyTask | ParityWordsTask | GroupWordTask):
         params.pop("seq_len")  # derived from `length`
     return params
 
@@ -647,8 +749,10 @@ def chance_accuracy(task) -> float:
     """Accuracy of guessing uniformly among the plausible answers (for 'near chance' statements)."""
     if isinstance(task, MQARTask | ForgettingMQARTask):
         return 1.0 / (task.vocab_size - task.vocab_size // 2)
-    if isinstance(task, ParityTask):
+    if isinstance(task, ParityWordsTask):
         return 0.5
+    if isinstance(task, GroupWordTask):
+        return 1.0 / len(task.elements)
     return 0.0
 
 

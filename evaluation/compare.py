@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from hybridzoo.configs.zoo import ARCHITECTURES, two_layer_pattern, zoo_config
+from hybridzoo.configs.zoo import ARCHITECTURES, task_model_config
 from hybridzoo.data.tasks import TaskMixture, chance_accuracy, make_task
 
 from .harness import make_rows, model_info, write_outputs
 from .metrics import evaluate_task
+from .sweep import load_sweep, run_sweep
 from .train import train_on_task
 
 
@@ -46,10 +47,7 @@ class CompareSettings:
 def compare_config(architecture: str, d_model: int, settings: CompareSettings):
     """The 2-layer, MLP-free config of `architecture` at width `d_model` (heads as in Zoology's trade-off sweep)."""
     longest = max(t for t, _ in settings.train_slices + (settings.test_slices or []))
-    return zoo_config(architecture, "tiny", vocab_size=settings.vocab_size, hidden_size=d_model, num_hidden_layers=2,
-                      block_pattern=two_layer_pattern(architecture), intermediate_size=0,
-                      num_attention_heads=settings.num_heads, num_key_value_heads=settings.num_heads,
-                      max_position_embeddings=max(2048, longest))
+    return task_model_config(architecture, d_model, settings.vocab_size, settings.num_heads, longest=longest)
 
 
 def _slice_task(settings: CompareSettings, seq_len: int, num_kv_pairs: int):
@@ -73,7 +71,7 @@ def run_compare(settings: CompareSettings, log=print) -> tuple[list[dict], dict[
             model = train_on_task(compare_config(architecture, d_model, settings), train_task, settings.steps,
                                   batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
                                   description=label)
-            info = model_info(model, architecture)
+            info = dict(model_info(model, architecture), model=f"{architecture}-d{d_model}")
             seconds = model.training_log["seconds"]
             for seq_len, kv in test_slices:
                 task = _slice_task(settings, seq_len, kv)
@@ -158,14 +156,31 @@ def add_arguments(parser) -> None:
     parser.add_argument("--test-examples", type=int, default=defaults.test_examples)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--output-dir", default=defaults.output_dir)
+    parser.add_argument("--output-dir", default=None, help=f"default: {defaults.output_dir}, or outputs/sweeps/NAME "
+                        "with --sweep")
+    parser.add_argument("--sweep", help="run a sweep given as data instead: a built-in name (zoology, zoology-cpu, "
+                        "parity-neg-eigval, ...) or a YAML file (see evaluation/sweep.py); models x widths x learning "
+                        "rates, best learning rate per cell, resumable from --output-dir; the other options are "
+                        "ignored")
+    parser.add_argument("--restart", action="store_true", help="with --sweep: start over in an output folder that "
+                        "holds another sweep's cells (kept as cells.jsonl.bak)")
+    parser.add_argument("--summary-only", action="store_true", help="with --sweep: train nothing; rewrite the table, "
+                        "JSON and plot from the cells finished so far")
 
     def handler(args) -> int:
+        if args.sweep:
+            spec = load_sweep(args.sweep)
+            written = run_sweep(spec, args.output_dir or f"outputs/sweeps/{spec.name}", restart=args.restart,
+                                summary_only=args.summary_only)
+            print(written["markdown"].read_text())
+            for name, path in written.items():
+                print(f"{name}: {path}")
+            return 0
         settings = CompareSettings(architectures=args.architectures, task=args.task, train_slices=_slices(args.slices),
                                    test_slices=_slices(args.test_slices) if args.test_slices else None,
                                    d_models=args.d_models, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    vocab_size=args.vocab_size, test_examples=args.test_examples, seed=args.seed,
-                                   threads=args.threads, output_dir=args.output_dir)
+                                   threads=args.threads, output_dir=args.output_dir or defaults.output_dir)
         _, written = run_compare(settings)
         print(written["compare"].read_text())
         for name, path in written.items():

@@ -28,8 +28,15 @@ from hybridzoo.modeling import CACHE_NAME, HybridForCausalLM
 
 from . import plots
 from .metrics import Accumulator, evaluate_task, loss_by_position, score_batch, wilson_interval
+from .references import beside_ours
 
-SUITES = ("retrieval", "long-context", "all")
+SUITES = ("retrieval", "long-context", "state-tracking", "all")
+STATE_TRACKING_TASKS = ("parity", "modular_addition", "permutation_s3", "permutation_s5")
+STATE_TRACKING_LENGTHS = (32, 64, 128, 256)
+# tasks that share a token vocabulary and layout: a model trained on one of them can be tested on the others
+WORD_TASKS = ("passkey", "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey", "variable_tracking",
+              "copy", "parity_words", "lm_stream")
+TASK_FAMILIES = [("mqar", "forgetting_mqar"), WORD_TASKS, *((name,) for name in STATE_TRACKING_TASKS)]
 NIAH_TASKS = ("passkey", "niah_single_2", "niah_single_3", "niah_multikey")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_LENGTHS = (256, 512, 1024)
@@ -60,6 +67,42 @@ def load_model(spec: str, size: str = "tiny", vocab_size: int | None = None):
     return model, label
 
 
+def trained_on(spec: str) -> dict | None:
+    """What a saved model was trained on, from its folder: `{"kind": "task", "task": NAME}` (a recipe with
+    `data.source: task`: token-level tasks of that family fit), `{"kind": "text"}` (a real tokenizer saved with it:
+    text-level tasks fit, the tasks' token ids mean nothing to it), or None (a zoo name or an unknown folder: every
+    suite runs, as a pipeline check)."""
+    folder = Path(spec)
+    if not folder.is_dir():
+        return None
+    data = saved_recipe(folder).get("data") or {}
+    if data.get("source") == "task" and data.get("task"):
+        return {"kind": "task", "task": data["task"]}
+    if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return {"kind": "text"}
+    return None
+
+
+def saved_recipe(folder: Path) -> dict:
+    """The resolved recipe a model folder was trained with (`recipe.yaml`), or {}."""
+    path = Path(folder) / "recipe.yaml"
+    if not path.exists():
+        return {}
+    import yaml
+
+    recipe = yaml.safe_load(path.read_text())
+    return recipe if isinstance(recipe, dict) else {}
+
+
+def task_fits(name: str, trained: dict | None) -> bool:
+    """Whether the token-level task `name` means something to a model trained on `trained` (see `trained_on`)."""
+    if trained is None:
+        return True
+    if trained["kind"] != "task":
+        return False
+    return any(name in family and trained["task"] in family for family in TASK_FAMILIES)
+
+
 def model_info(model, label: str) -> dict:
     """Architecture fields shared by every row of this model; state sizes from the zoo's closed forms."""
     config = model.config
@@ -81,7 +124,8 @@ def state_bytes_at(info: dict, length: int) -> int | None:
 
 
 def make_rows(info: dict, task: str, length: int, seed: int, metrics: Iterable[dict], **cell) -> list[dict]:
-    base = {"architecture": info["architecture"], "pattern": info["pattern"], "d_model": info["d_model"],
+    base = {"model": info.get("model") or info["architecture"], "architecture": info["architecture"],
+            "pattern": info["pattern"], "d_model": info["d_model"],
             "state_bytes": state_bytes_at(info, length), "task": task, "length": length,
             "depth": cell.pop("depth", None), "num_kv_pairs": cell.pop("num_kv_pairs", None), "seed": seed}
     return [{**base, **cell, **metric} for metric in metrics]
@@ -195,14 +239,23 @@ def run_text_tasks(model, tokenizer, info: dict, names: Iterable[str], lengths: 
     return rows
 
 
-def run_state_tracking(model, info: dict, lengths: Iterable[int], num_examples: int, seed: int,
+def run_state_tracking(model, info: dict, names: Iterable[str], lengths: Iterable[int], num_examples: int, seed: int,
                        batch_size: int) -> list[dict]:
+    """Group word problems (parity, modular addition, S_3/S_5): the final running product at each length (a model
+    trained on length L and tested at 2L, 4L, ... gives the length-generalisation curve); `copy` by string length."""
     rows = []
-    for name in ("copy", "parity"):
+    for name in names:
         for length in lengths:
-            task = make_task(name, vocab_size=model.config.vocab_size, length=length)
-            rows += make_rows(info, name, task.seq_len, seed, evaluate_task(model, task, num_examples, seed,
-                                                                            batch_size), item_length=length)
+            params = {"vocab_size": model.config.vocab_size, "length": length}
+            if name != "copy":
+                params["score"] = "last"
+            try:
+                task = make_task(name, **params)
+            except ValueError as error:  # e.g. S_5 needs 121 token ids
+                tqdm.write(f"skipped {name}: {error}")
+                break
+            rows += make_rows(info, name, length, seed, evaluate_task(model, task, num_examples, seed, batch_size),
+                              seq_len=task.seq_len)
     return rows
 
 
@@ -331,52 +384,63 @@ def evaluate_model(model, label: str, suite: str = "retrieval", lengths: list[in
                    num_examples: int = 100, seed: int = 0, batch_size: int = 16, train_length: int = 256,
                    decode_lengths: list[int] | None = None, decode_tokens: int = 16,
                    depths: Iterable[float] = DEPTHS, text_documents: list[list[int]] | None = None,
-                   tokenizer=None) -> tuple[list[dict], dict[str, list[float]]]:
-    """All rows of `suite` for one model, and its loss-by-position curve (long-context suites).
+                   tokenizer=None, trained: dict | None = None,
+                   architecture: str | None = None) -> tuple[list[dict], dict[str, list[float]]]:
+    """All rows of `suite` for one model that fit what it was trained on, and its loss-by-position curve.
 
+    `label` names the model in every row (`model`); `architecture` (default: `label`) is its zoo architecture.
+    `trained` (see `trained_on`): a task-trained model gets the token-level tasks of its task's family only, a model
+    with a real tokenizer none (its text-level tasks come with `tokenizer`), None every task (a pipeline check).
     `text_documents` (held-out real documents in the model's tokenizer, see `held_out_text_documents`): loss by
-    position is measured on them instead of the synthetic `lm_stream`, and the token-level passkey (whose token ids
-    mean nothing to a model with a real tokenizer) is left out.
-    `tokenizer` (the model's own): the needle and variable-tracking tasks run at the text level (`run_text_tasks`)
-    instead of the token level.
+    position is measured on them instead of the synthetic `lm_stream`.
+    `tokenizer` (the model's own): the needle and variable-tracking tasks run at the text level (`run_text_tasks`).
+    Decode cost is a property of the architecture and runs for every model.
     """
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {SUITES}, got {suite!r}")
-    info = model_info(model, label)
+    info = dict(model_info(model, architecture or label), model=label)
     vocab_size = model.config.vocab_size
-    word_tasks_fit = vocab_size >= WordVocabulary.minimum_size()
+
+    def fits(name: str) -> bool:
+        return task_fits(name, trained) and (name not in WORD_TASKS or vocab_size >= WordVocabulary.minimum_size())
+
     lengths = sorted(lengths) if lengths else list(DEFAULT_LENGTHS)
     rows: list[dict] = []
     curves: dict[str, list[float]] = {}
     if suite in ("retrieval", "all"):
-        rows += run_mqar(model, info, mqar_slices(vocab_size, None if lengths == list(DEFAULT_LENGTHS) else lengths),
-                         num_examples, seed, batch_size)
-        rows += run_forgetting(model, info, [length for length in (128, 256) if not lengths or length <= max(lengths)],
-                               num_examples, seed, batch_size)
+        if fits("mqar"):
+            rows += run_mqar(model, info, mqar_slices(vocab_size, None if lengths == list(DEFAULT_LENGTHS) else
+                                                      lengths), num_examples, seed, batch_size)
+        if fits("forgetting_mqar"):
+            rows += run_forgetting(model, info, [length for length in (128, 256) if length <= max(lengths)],
+                                   num_examples, seed, batch_size)
         if tokenizer is not None:
             rows += run_text_tasks(model, tokenizer, info, [*NIAH_TASKS, "variable_tracking"], lengths, depths,
                                    num_examples, seed)
-        elif word_tasks_fit:
-            rows += run_word_tasks(model, info, [*NIAH_TASKS, "variable_tracking"], lengths, depths, num_examples,
-                                   seed, batch_size)
+        else:
+            word_tasks = [name for name in [*NIAH_TASKS, "variable_tracking"] if fits(name)]
+            rows += run_word_tasks(model, info, word_tasks, lengths, depths, num_examples, seed, batch_size)
     if suite in ("long-context", "all"):
         if text_documents is not None:
             loss_rows, curves = run_loss_by_position(model, info, train_length, (1, 2, 4, 8), num_examples, seed,
                                                      batch_size, documents=text_documents)
             rows += loss_rows
-        elif word_tasks_fit:
+        elif fits("lm_stream"):
             loss_rows, curves = run_loss_by_position(model, info, train_length, (1, 2, 4, 8), num_examples, seed,
                                                      batch_size)
             rows += loss_rows
-            if suite == "long-context":  # passkey over T..8T: retention beyond the training length
-                long_lengths = [train_length * m for m in (1, 2, 4, 8)]
+        if suite == "long-context":  # passkey over T..8T: retention beyond the training length
+            long_lengths = [train_length * m for m in (1, 2, 4, 8)]
+            if tokenizer is not None:
+                rows += run_text_tasks(model, tokenizer, info, ["passkey"], long_lengths, depths, num_examples, seed)
+            elif text_documents is None and fits("passkey"):
                 rows += run_word_tasks(model, info, ["passkey"], long_lengths, depths, num_examples, seed, batch_size)
-        if tokenizer is not None and suite == "long-context":  # passkey over T..8T, as text
-            rows += run_text_tasks(model, tokenizer, info, ["passkey"], [train_length * m for m in (1, 2, 4, 8)],
-                                   depths, num_examples, seed)
         rows += run_decode_cost(model, info, decode_lengths or DECODE_LENGTHS, decode_tokens, seed)
-    if suite == "all" and word_tasks_fit:
-        rows += run_state_tracking(model, info, (16, 64), num_examples, seed, batch_size)
+    if suite in ("state-tracking", "all"):
+        names = [name for name in STATE_TRACKING_TASKS if fits(name)]
+        rows += run_state_tracking(model, info, names, STATE_TRACKING_LENGTHS, num_examples, seed, batch_size)
+        if fits("copy"):
+            rows += run_state_tracking(model, info, ["copy"], (16, 64), num_examples, seed, batch_size)
     return rows, curves
 
 
@@ -392,13 +456,14 @@ def markdown_table(rows: list[dict], metrics: Iterable[str] = ("accuracy", "exac
                                                                "ms_per_token", "cache_kv_bytes")) -> str:
     """One line per measurement of the main metrics, with the 95% interval and n."""
     wanted = set(metrics)
-    lines = ["| architecture | state bytes | task | length | kv | depth | metric | value | 95% CI | n |",
-             "|---|---:|---|---:|---:|---:|---|---:|---|---:|"]
+    lines = ["| model | architecture | state bytes | task | length | kv | depth | metric | value | 95% CI | n |",
+             "|---|---|---:|---|---:|---:|---:|---|---:|---|---:|"]
     for r in rows:
         if r["metric"] not in wanted:
             continue
         ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if r.get("ci_low") is not None else ""
-        lines.append(f"| {r['architecture']} | {_format(r['state_bytes'])} | {r['task']} | {r['length']} | "
+        lines.append(f"| {r.get('model') or r['architecture']} | {r['architecture']} | {_format(r['state_bytes'])} | "
+                     f"{r['task']} | {r['length']} | "
                      f"{_format(r['num_kv_pairs'])} | {_format(r['depth'])} | {r['metric']} | {_format(r['value'])} | "
                      f"{ci} | {_format(r.get('n'))} |")
     return "\n".join(lines)
@@ -413,7 +478,8 @@ def write_outputs(rows: list[dict], curves: dict[str, list[float]], out_dir: str
     with open(written["jsonl"], "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    written["markdown"].write_text(f"# {title}\n\n{markdown_table(rows)}\n")
+    published = beside_ours(rows)  # the papers' numbers where a task and length match, marked as another scale
+    written["markdown"].write_text(f"# {title}\n\n{markdown_table(rows)}\n" + (f"\n{published}\n" if published else ""))
     if curves:  # the per-position losses behind the (binned) plot
         written["loss_by_position_json"] = out / "loss_by_position.json"
         written["loss_by_position_json"].write_text(json.dumps({"train_length": train_length, "curves": curves}))
@@ -423,27 +489,31 @@ def write_outputs(rows: list[dict], curves: dict[str, list[float]], out_dir: str
                   "accuracy": plots.accuracy_bars([r for r in rows if r["task"].startswith("mqar")],
                                                   out / "accuracy.png")}
     for task in sorted({r["task"] for r in rows if r.get("depth") is not None}):
-        for architecture in sorted({r["architecture"] for r in rows}):
-            name = f"heatmap_{task}_{architecture}".replace("/", "_")
-            candidates[name] = plots.niah_heatmap(rows, out / f"{name}.png", task, architecture)
+        for model in sorted({plots.model_name(r) for r in rows}):
+            name = f"heatmap_{task}_{model}".replace("/", "_")
+            candidates[name] = plots.niah_heatmap(rows, out / f"{name}.png", task, model)
     written.update({name: path for name, path in candidates.items() if path is not None})
     return written
 
 
 def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "outputs/eval", size: str = "tiny",
-             text: str | None = None, level: str = "token", **kwargs) -> dict[str, Path]:
+             text: str | None = None, level: str = "auto", **kwargs) -> dict[str, Path]:
     """`hybridzoo eval` as a function: evaluate every model spec and write the combined outputs.
 
-    `text`: a text source (`stdlib`, a file or folder, a `datasets` name) for loss by position, read with each
-    saved model's own tokenizer. `level="text"`: the word tasks as text in the model's own tokenizer.
+    Each model gets what fits what it was trained on (`trained_on`): token-level tasks for a model trained on a task
+    by a recipe, text-level tasks for a model saved with a real tokenizer (`level="auto"`); `level="token"` or
+    `"text"` forces one. `text`: a text source (`stdlib`, a file or folder, a `datasets` name) for loss by position,
+    read with each saved model's own tokenizer. Rows name their model (the folder name, or the zoo name).
     """
-    if level not in ("token", "text"):
-        raise ValueError(f"level must be 'token' or 'text', got {level!r}")
+    if level not in ("auto", "token", "text"):
+        raise ValueError(f"level must be 'auto', 'token' or 'text', got {level!r}")
     rows, curves = [], {}
     for spec in models:
         model, label = load_model(spec, size=size)
+        trained = trained_on(spec)
+        model_level = level if level != "auto" else ("text" if trained and trained["kind"] == "text" else "token")
         tokenizer = documents = None
-        if text is not None or level == "text":
+        if text is not None or model_level == "text":
             if not Path(spec).is_dir():
                 raise ValueError(f"--text and --level text need a saved model folder with a tokenizer; {spec!r} is a "
                                  "zoo name")
@@ -451,9 +521,12 @@ def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "output
 
             model_tokenizer = AutoTokenizer.from_pretrained(spec)
             documents = held_out_text_documents(text, model_tokenizer) if text is not None else None
-            tokenizer = model_tokenizer if level == "text" else None
+            tokenizer = model_tokenizer if model_level == "text" else None
+        if level == "token" and trained and trained["kind"] == "text":
+            trained = None  # forced: run the token-level tasks anyway
+        architecture = (saved_recipe(Path(spec)).get("model") or {}).get("zoo") if Path(spec).is_dir() else None
         model_rows, model_curves = evaluate_model(model, label, suite, text_documents=documents, tokenizer=tokenizer,
-                                                  **kwargs)
+                                                  trained=trained, architecture=architecture, **kwargs)
         rows += model_rows
         curves.update(model_curves)
     return write_outputs(rows, curves, out_dir, kwargs.get("train_length", 256), title=f"hybridzoo eval ({suite})")
@@ -476,9 +549,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", help="loss by position on held-out documents of this text source, in each model's "
                         "own tokenizer: stdlib, a .txt/.jsonl/.parquet file or folder, or a datasets name "
                         "(default: synthetic lm_stream documents)")
-    parser.add_argument("--level", choices=("token", "text"), default="token",
+    parser.add_argument("--level", choices=("auto", "token", "text"), default="auto",
                         help="token: the tasks' token ids (models trained on them); text: prompt + answer in each "
-                        "saved model's own tokenizer, scored by the answer's log-likelihood and exact greedy match")
+                        "saved model's own tokenizer, scored by the answer's log-likelihood and exact greedy match; "
+                        "auto (default): text for models saved with a real tokenizer, token otherwise")
     parser.add_argument("--output-dir", default="outputs/eval")
 
     def handler(args) -> int:

@@ -98,7 +98,7 @@ class Accumulator:
         exact_low, exact_high = wilson_interval(self.exact, self.examples)
         return [
             {"metric": "accuracy", "value": self.per_example_accuracy_sum / self.examples, "ci_low": low,
-             "ci_high": high, "n": self.tokens, "n_examples": self.examples},
+             "ci_high": high, "n": self.tokens, "correct": self.correct_tokens, "n_examples": self.examples},
             {"metric": "exact", "value": self.exact / self.examples, "ci_low": exact_low, "ci_high": exact_high,
              "n": self.examples, "n_examples": self.examples},
             {"metric": "loss", "value": self.loss_sum / self.tokens, "ci_low": None, "ci_high": None,

@@ -12,6 +12,11 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def model_name(row: dict) -> str:
+    """The model a row belongs to (rows written before the `model` field name only the architecture)."""
+    return row.get("model") or row["architecture"]
+
+
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=100)
@@ -26,7 +31,7 @@ def recall_vs_state(rows: list[dict], path: Path, task: str = "mqar") -> Path | 
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         if row["task"] == task and row["metric"] == "accuracy" and row.get("state_bytes"):
-            groups[(row["architecture"], row.get("d_model"))].append(row)
+            groups[(row["architecture"], row.get("d_model"))].append(row)  # a line per architecture across widths
     for (architecture, _d), cells in groups.items():
         longest = max(cells, key=lambda r: r["length"])
         points[architecture].append((longest["state_bytes"], sum(r["value"] for r in cells) / len(cells)))
@@ -46,10 +51,10 @@ def recall_vs_state(rows: list[dict], path: Path, task: str = "mqar") -> Path | 
     return _save(figure, path)
 
 
-def niah_heatmap(rows: list[dict], path: Path, task: str, architecture: str) -> Path | None:
+def niah_heatmap(rows: list[dict], path: Path, task: str, model: str) -> Path | None:
     """Length × depth heatmap of exact-match accuracy for one NIAH-style task and one model."""
     cells = {(r["length"], r["depth"]): r["value"] for r in rows
-             if r["task"] == task and r["architecture"] == architecture and r["metric"] == "exact"
+             if r["task"] == task and model_name(r) == model and r["metric"] == "exact"
              and r.get("depth") is not None}
     if not cells:
         return None
@@ -66,7 +71,7 @@ def niah_heatmap(rows: list[dict], path: Path, task: str, architecture: str) -> 
         for j, value in enumerate(row):
             if not math.isnan(value):
                 axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
-    axis.set_title(f"{task}: {architecture}")
+    axis.set_title(f"{task}: {model}")
     figure.colorbar(image, ax=axis, label="exact match")
     return _save(figure, path)
 
@@ -105,7 +110,7 @@ def decode_cost(rows: list[dict], path: Path) -> Path | None:
     lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in rows:
         if row["task"] == "decode_cost" and row["metric"] == "ms_per_token":
-            lines[row["architecture"]].append((row["length"], row["value"]))
+            lines[model_name(row)].append((row["length"], row["value"]))
     if not lines:
         return None
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -128,13 +133,13 @@ def accuracy_bars(rows: list[dict], path: Path, metric: str = "accuracy") -> Pat
     if not cells:
         return None
     keys = sorted({_cell(r) for r in cells})
-    architectures = sorted({r["architecture"] for r in cells})
+    architectures = sorted({model_name(r) for r in cells})
     width = 0.8 / len(architectures)
     figure, axis = plt.subplots(figsize=(max(6, 1.5 * len(keys)), 4))
     for a, architecture in enumerate(architectures):
         xs, ys, errors = [], [], [[], []]
         for k, key in enumerate(keys):
-            match = [r for r in cells if r["architecture"] == architecture and _cell(r) == key]
+            match = [r for r in cells if model_name(r) == architecture and _cell(r) == key]
             if match:
                 r = match[0]
                 xs.append(k + (a - (len(architectures) - 1) / 2) * width)
@@ -153,3 +158,71 @@ def _cell(row: dict) -> str:
     extra = f" kv={row['num_kv_pairs']}" if row.get("num_kv_pairs") else ""
     d = f" d={row['d_model']}" if row.get("d_model") else ""
     return f"{row['task']} T={row['length']}{extra}{d}"
+
+
+def accuracy_vs_state(points: list[dict], path: Path, references: list[dict] | None = None,
+                      title: str = "recall vs state size") -> Path | None:
+    """A sweep's recall-memory trade-off: per model, mean accuracy over the test slices at the best learning rate vs
+    state bytes (log x), one point per width with its 95% interval; published points (hollow, dashed) beside them."""
+    lines: dict[str, list[dict]] = defaultdict(list)
+    for point in points:
+        if point.get("state_bytes"):
+            lines[point["model"]].append(point)
+    if not lines:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for model, xy in sorted(lines.items()):
+        xy.sort(key=lambda p: p["state_bytes"])
+        xs = [p["state_bytes"] for p in xy]
+        ys = [p["mean"]["value"] for p in xy]
+        errors = [[max(0.0, p["mean"]["value"] - p["mean"]["ci_low"]) for p in xy],
+                  [max(0.0, p["mean"]["ci_high"] - p["mean"]["value"]) for p in xy]]
+        axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=model)
+        for p in xy:
+            axis.annotate(f"d={p['d_model']}", (p["state_bytes"], p["mean"]["value"]), fontsize=7,
+                          textcoords="offset points", xytext=(3, -9))
+    published: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for ref in references or []:
+        if ref["x_kind"] == "state_bytes" and isinstance(ref["value"], float | int):
+            published[ref["model"]].append((float(ref["x"]), float(ref["value"])))
+    for model, xy in sorted(published.items()):
+        xy.sort()
+        axis.plot(*zip(*xy, strict=True), linestyle="--", marker="o", markerfacecolor="none", alpha=0.6,
+                  linewidth=1, label=f"{model} (published, other scale)")
+    axis.set_xscale("log")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("state bytes (attention: KV cache at the longest test slice)")
+    axis.set_ylabel("accuracy, mean over test slices (95% CI)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(figure, path)
+
+
+def length_generalisation(points: list[dict], path: Path, train_length: int | None = None,
+                          title: str = "length generalisation") -> Path | None:
+    """Accuracy vs test length (log x), one line per (model, width) with its 95% band; the training length and chance
+    marked."""
+    if not points:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for point in sorted(points, key=lambda p: (p["model"], p["d_model"])):
+        slices = sorted(point["slices"], key=lambda s: s["length"])
+        xs = [s["length"] for s in slices]
+        label = point["model"] + (f" d={point['d_model']}" if len({p["d_model"] for p in points}) > 1 else "")
+        (line,) = axis.plot(xs, [s["value"] for s in slices], marker="o", label=label)
+        axis.fill_between(xs, [s["ci_low"] for s in slices], [s["ci_high"] for s in slices], alpha=0.15,
+                          color=line.get_color())
+    chance = points[0].get("chance")
+    if chance:
+        axis.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance {chance:.2f}")
+    if train_length:
+        axis.axvline(train_length, color="black", linestyle="--", linewidth=1, label=f"train length {train_length}")
+    axis.set_xscale("log", base=2)
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("test length")
+    axis.set_ylabel("accuracy (95% CI)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(figure, path)

@@ -1,5 +1,6 @@
 """A word-level tokenizer whose ids are exactly the word tasks' token ids, so a model trained on token-level tasks
-(passkey, NIAH with numbers, variable tracking, copy, parity) can be evaluated on their text form, e.g. by lm-eval.
+(passkey, NIAH with numbers, variable tracking, copy, parity_words) can be evaluated on their text form, e.g. by
+lm-eval.
 
 Text is lower-cased, split on whitespace and punctuation, and every digit is its own token, as in the token-level
 tasks. (Hex ids of `niah_single_3` mix digits and letters inside a word and are not split per character: use the

@@ -101,6 +101,14 @@ def read_eval_results(folder: Path) -> list[dict]:
     return rows
 
 
+def rows_of_model(rows: list[dict], model_name: str) -> list[dict]:
+    """This model's rows of an eval file that may compare several models: those whose `model` field is its name
+    (the folder name, as `hybridzoo eval` writes it). Files without that field are returned whole."""
+    if len({row.get("model") for row in rows}) > 1 and any(row.get("model") == model_name for row in rows):
+        return [row for row in rows if row.get("model") == model_name]
+    return rows
+
+
 def summarize_eval(rows: list[dict]) -> list[dict]:
     """One entry per (architecture, task, length, depth, metric): the mean over seeds, its CI when given, n seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -310,7 +318,7 @@ def build_model_card(
     repo_id = repo_id or f"your-name/{folder.resolve().name}"
     recipe = read_recipe(folder)
     is_adapter = (folder / "adapter_config.json").exists()
-    summary = summarize_eval(read_eval_results(folder))
+    summary = summarize_eval(rows_of_model(read_eval_results(folder), folder.resolve().name))
     architecture = (recipe.get("model") or {}).get("zoo")
     model_name = repo_id.split("/")[-1]
     eval_results = eval_results_for_index(summary, model_name, architecture) or None

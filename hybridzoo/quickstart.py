@@ -108,6 +108,7 @@ def evaluate_models(settings: QuickstartSettings, folders: dict[str, dict[str, P
         held_out_text_documents,
         load_model,
         markdown_table,
+        trained_on,
         write_outputs,
     )
 
@@ -120,10 +121,14 @@ def evaluate_models(settings: QuickstartSettings, folders: dict[str, dict[str, P
             documents = (
                 held_out_text_documents("stdlib", AutoTokenizer.from_pretrained(folder)) if kind == "text" else None
             )
+            # rows name the model by its folder (`text-qwen3-next-style`), which is how its model card finds them;
+            # the suite runs only what fits its training (MQAR models: the MQAR family; text models: real text)
             model_rows, model_curves = evaluate_model(
                 model,
-                f"{name} ({kind})",
+                folder.name,
                 suite=suite,
+                trained=trained_on(str(folder)),
+                architecture=name,
                 lengths=[64, 128],
                 num_examples=settings.eval_examples,
                 seed=settings.seed,
@@ -145,19 +150,12 @@ def evaluate_models(settings: QuickstartSettings, folders: dict[str, dict[str, P
 def publish(settings: QuickstartSettings, model_dir: Path, eval_dir: Path, out: Path) -> tuple[str, str, object]:
     """Put the eval results next to the model, push it with a model card; returns (endpoint, token, server).
 
-    The folder's `eval/results.jsonl` (what the card's `model-index` is built from) gets this model's own rows; the
-    whole comparison travels along as `eval/comparison.jsonl` with the plots.
+    The comparison's files travel unchanged: every row names its model, and the card's `model-index` keeps the rows
+    whose `model` is this folder's name.
     """
-    from hybridzoo.evaluation.harness import markdown_table
     from hybridzoo.hub import push_to_hub
 
     shutil.copytree(eval_dir, model_dir / "eval", dirs_exist_ok=True)
-    rows = [json.loads(line) for line in (eval_dir / "results.jsonl").read_text().splitlines()]
-    label = f"{settings.architecture} (text)"
-    own = [dict(row, architecture=settings.architecture) for row in rows if row["architecture"] == label]
-    shutil.copy(eval_dir / "results.jsonl", model_dir / "eval" / "comparison.jsonl")
-    (model_dir / "eval" / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in own))
-    (model_dir / "eval" / "results.md").write_text(f"# {settings.architecture}\n\n{markdown_table(own)}\n")
     server = None
     endpoint, token = settings.endpoint, os.environ.get("HF_TOKEN", "")
     if not endpoint:

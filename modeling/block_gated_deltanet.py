@@ -142,6 +142,8 @@ class HybridGatedDeltaNet(HybridBlock):
         where a new document starts.
         """
         batch, length, _ = hidden_states.shape
+        if length == 1 and state is not None and mask is None and reset is None and not torch.is_grad_enabled():
+            return self._decode_step(hidden_states, state)
         conv_state, recurrent_state = state if state is not None else (None, None)
 
         qkv, z, b, a = self._project(hidden_states)
@@ -172,21 +174,70 @@ class HybridGatedDeltaNet(HybridBlock):
         output = self.norm(output, gate).reshape(batch, length, self.value_dim)
         return self.o_proj(output), (conv_state, recurrent_state)
 
+    @torch.no_grad()
+    def _decode_step(
+        self, hidden_states: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One token `[B, 1, hidden]` from a cached state, without autograd: the same function as `forward` in about
+        a third of its small ops (decoding a small model is bound by per-op overhead, not arithmetic). q and k are
+        normalised together, the GVA head sharing is a broadcast instead of a copy, and the delta-rule step works on
+        `[B, Hk, Hv / Hk, Dk, Dv]` views of the state."""
+        conv_state, recurrent_state = state
+        batch = hidden_states.shape[0]
+        groups, share = self.num_k_heads, self.num_v_heads // self.num_k_heads
+        dk, dv = self.head_k_dim, self.head_v_dim
+        qkv, z, b, a = self._project(hidden_states)
+        # short conv over the window (state, token), then SiLU
+        window = torch.cat([conv_state, qkv.to(conv_state.dtype)], dim=1)  # [B, K, conv_dim]
+        conv = torch.linalg.vecdot(window.mT, self.conv1d.weight[:, 0].to(window.dtype))  # [B, conv_dim]
+        conv = F.silu(conv)
+        qk = conv[:, : 2 * self.key_dim].reshape(batch, 2, groups, 1, dk).float()
+        qk = qk * torch.rsqrt(qk.pow(2).sum(-1, keepdim=True) + 1e-6)  # l2_normalize of q and k at once
+        query, key = qk.unbind(1)  # [B, Hk, 1, Dk]
+        value = conv[:, 2 * self.key_dim :].reshape(batch, groups, share, dv).float()
+        beta = torch.sigmoid(b.float()).reshape(batch, groups, share, 1)
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        alpha = torch.exp(-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float()))
+        # S <- alpha S;  S <- S + k (beta (v - S^T k))^T;  o = S^T (q / sqrt(Dk)), per value head
+        matrix = recurrent_state.view(batch, groups, share, dk, dv) * alpha.reshape(batch, groups, share, 1, 1)
+        read = torch.matmul(key.unsqueeze(2), matrix).squeeze(-2)  # [B, Hk, share, Dv]
+        update = (value - read).mul_(beta)
+        matrix.add_(key.mT.unsqueeze(2) * update.unsqueeze(-2))
+        output = torch.matmul((query * dk**-0.5).unsqueeze(2), matrix)  # [B, Hk, share, 1, Dv]
+        output = output.reshape(batch, 1, self.num_v_heads, dv).to(hidden_states.dtype)
+        gate = z.reshape(batch, 1, self.num_v_heads, dv)
+        output = self.norm(output, gate).reshape(batch, 1, self.value_dim)
+        new_state = (window[:, 1:], matrix.view(batch, self.num_v_heads, dk, dv))
+        return self.o_proj(output), new_state
+
     def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The input projections: `qkv` (q, k, v side by side, the conv's input), `z`, `b`, `a`.
 
-        For multi-token inputs the six weights are concatenated and applied as one GEMM (~10% faster forward +
-        backward on CPU than six calls, and `qkv` is then a slice instead of a concatenated copy). Single tokens keep
-        six calls: there copying the weights costs more than it saves. Wrapped projections (PEFT LoRA, accelerate
-        hooks) also keep six calls, so that whatever the wrapper adds is not bypassed.
+        The six weights are concatenated and applied as one GEMM (~10% faster forward + backward on CPU than six
+        calls, and `qkv` is then a slice instead of a concatenated copy). Without autograd the concatenated weight is
+        kept between calls (rebuilt when any weight changes), which matters for decoding, where concatenating per
+        token would cost more than it saves; a single token with autograd keeps six calls for that reason. Wrapped
+        projections (PEFT LoRA, accelerate hooks) also keep six calls, so that whatever the wrapper adds is not
+        bypassed.
         """
         projections = (self.q_proj, self.k_proj, self.v_proj, self.z_proj, self.b_proj, self.a_proj)
-        fusable = hidden_states.shape[1] > 1 and all(
-            type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks) for p in projections
-        )
-        if not fusable:
+        fusable = all(type(p) is nn.Linear and not (p._forward_hooks or p._forward_pre_hooks) for p in projections)
+        grad = torch.is_grad_enabled()
+        if not fusable or (grad and hidden_states.shape[1] == 1):
             q, k, v, z, b, a = (p(hidden_states) for p in projections)
             return torch.cat([q, k, v], dim=-1), z, b, a
-        weight = torch.cat([p.weight for p in projections])
+        if grad:
+            weight = torch.cat([p.weight for p in projections])
+        else:
+            # keyed by each weight's storage (held by the cache, so no other tensor can take its address; `.data`
+            # swaps by `module.to()` change it) and in-place version counter (optimizer steps, load_state_dict)
+            weights = tuple(p.weight.detach() for p in projections)
+            versions = tuple(w._version for w in weights)
+            cached = getattr(self, "_inference_weight", None)
+            stale = cached is None or cached[1] != versions
+            if stale or any(a.data_ptr() != b.data_ptr() for a, b in zip(cached[0], weights, strict=True)):
+                self._inference_weight = cached = (weights, versions, torch.cat(weights))
+            weight = cached[2]
         conv_dim = 2 * self.key_dim + self.value_dim
         return F.linear(hidden_states, weight).split([conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads], -1)

@@ -42,6 +42,7 @@ from .block_attention import HybridAttention, HybridSlidingWindowAttention
 from .block_base import BlockField, HybridBlock
 from .block_gated_deltanet import HybridGatedDeltaNet
 from .block_lstm import HybridLSTM
+from .block_mamba2 import HybridMamba2
 from .block_mlstm import HybridMLSTM
 from .block_pararnn import HybridParaGRU, HybridParaLSTM
 from .block_rglru import HybridRGLRU
@@ -54,6 +55,7 @@ BUILTIN_BLOCKS = [
     HybridSlidingWindowAttention,
     HybridGatedDeltaNet,
     HybridLSTM,
+    HybridMamba2,
     HybridMLSTM,
     HybridParaGRU,
     HybridParaLSTM,

@@ -3,8 +3,9 @@
 Layers are chosen one by one with `block_types` (names from `blocks.BLOCK_CLASSES`), or with the compact
 `block_pattern` shorthand repeated over the depth: `"GGGA"` over 8 layers is 3 Gated DeltaNet layers then 1 attention
 layer, twice (Qwen3-Next's 3:1 layout). Letters: A attention, S sliding-window attention, G gated DeltaNet, L LSTM,
-M mLSTM, X sLSTM, R RG-LRU (see `blocks.BLOCK_LETTERS`). Field names follow transformers (Llama for the shared fields,
-Qwen3-Next for the `linear_*` Gated DeltaNet fields) so peft, accelerate and other tools read the config without help.
+M mLSTM, X sLSTM, R RG-LRU, D Mamba-2 (see `blocks.BLOCK_LETTERS`). Field names follow transformers (Llama for the
+shared fields, Qwen3-Next for the `linear_*` Gated DeltaNet fields) so peft, accelerate and other tools read the
+config without help.
 
 The fields shared by every model are declared here; each block declares its own (`config_fields` on the block class,
 e.g. `mlstm_chunk_size`): the config takes them as keyword arguments, fills their defaults, checks them and saves them

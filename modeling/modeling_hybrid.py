@@ -22,6 +22,7 @@ from .blocks import BLOCK_CLASSES
 from .cache_hybrid import CACHE_NAME, HybridCache, accepts_past_key_values
 from .configuration_hybrid import HybridConfig
 from .layers import HybridMLP, HybridRMSNorm, HybridRotaryEmbedding
+from .ops_cross_entropy import chunked_linear_cross_entropy, shift_labels_for_causal_lm
 
 
 def layer_norm(config: HybridConfig, bias: bool = False) -> HybridRMSNorm:
@@ -249,8 +250,14 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        r"""
+        skip_logits (`bool`, *optional*):
+            With `labels`, compute the loss by the chunked LM head + cross-entropy and return `logits=None` (the
+            full logits are never built). Default: when training (`model.train()`) with `labels`.
+        """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -261,20 +268,61 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
-        if self.config.final_logit_softcapping is not None:
-            cap = self.config.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if skip_logits is None:
+            skip_logits = self.training and labels is not None
+        loss = logits = None
+        if labels is not None and skip_logits and self._chunked_loss_applies(logits_to_keep):
+            loss = self._chunked_causal_lm_loss(hidden_states, labels, **kwargs)
+        else:
+            slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, slice_indices, :])
+            if self.config.final_logit_softcapping is not None:
+                cap = self.config.final_logit_softcapping
+                logits = torch.tanh(logits / cap) * cap
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+        )
+
+    def _chunked_loss_applies(self, logits_to_keep: int | torch.Tensor) -> bool:
+        """The chunked loss replaces exactly `ForCausalLMLoss(lm_head(h), labels)`: a plain, unwrapped `nn.Linear` head
+        (not a PEFT / hook-wrapped one), no logit soft-capping, all positions kept, and transformers' default
+        causal-LM loss."""
+        head = self.lm_head
+        return (
+            self.config.final_logit_softcapping is None
+            and isinstance(logits_to_keep, int)
+            and logits_to_keep == 0
+            and type(head) is nn.Linear
+            and not (head._forward_hooks or head._forward_pre_hooks)
+            and not hasattr(self, "_loss_function")
+            and getattr(self, "loss_type", None) in (None, "ForCausalLM")
+        )
+
+    def _chunked_causal_lm_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        ignore_index: int = -100,
+        shift_labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """`ForCausalLMLoss(lm_head(hidden_states), labels, ...)` by `chunked_linear_cross_entropy` (same arguments)."""
+        if shift_labels is None:
+            shift_labels = shift_labels_for_causal_lm(labels, ignore_index)
+        return chunked_linear_cross_entropy(
+            hidden_states,
+            self.lm_head.weight,
+            shift_labels.to(hidden_states.device),
+            bias=self.lm_head.bias,
+            ignore_index=ignore_index,
+            num_items_in_batch=num_items_in_batch,
         )
 
 

@@ -16,7 +16,7 @@ from hybridzoo.modeling import CACHE_NAME
 from hybridzoo.modeling.blocks import block_fields
 from tiny_models import tiny_config
 
-PATTERN = "AGLMPRSUX"  # every block type once
+PATTERN = "AGLMPRSUXD"  # every block type once (mamba2 last, so the layers before it keep their random init)
 LONG = 20  # longer than the tiny sliding window and than the chunk sizes tried below
 
 # field -> a value other than the default (for `tiny_config(PATTERN)`), chosen to be valid
@@ -24,9 +24,9 @@ CHANGED = {
     "vocab_size": 80,
     "hidden_size": 48,
     "intermediate_size": 32,
-    "num_hidden_layers": 18,
-    "block_types": ["attention", "gated_deltanet", "lstm", "mlstm", "rglru", "sliding_attention", "paragru"],
-    "block_pattern": "GGLMPRSUX",
+    "num_hidden_layers": 20,
+    "block_types": ["attention", "gated_deltanet", "lstm", "mlstm", "rglru", "sliding_attention", "paragru", "mamba2"],
+    "block_pattern": "GGLMPRSUXD",
     "hidden_act": "gelu",
     "max_position_embeddings": 16,  # read by dynamic RoPE scaling (checked with rope_type="dynamic")
     "initializer_range": 0.2,
@@ -80,6 +80,19 @@ CHANGED = {
     "final_logit_softcapping": 0.5,
     "mlstm_eps": 1.0,
     "mlstm_use_bias": True,
+    "mamba_num_heads": 4,
+    "mamba_head_dim": 4,
+    "mamba_n_groups": 5,
+    "mamba_d_state": 4,
+    "mamba_conv_kernel": 2,
+    "mamba_conv_bias": False,
+    "mamba_proj_bias": True,
+    "mamba_chunk_size": 4,
+    "mamba_dt_min": 0.01,
+    "mamba_dt_max": 0.5,
+    "mamba_dt_init_floor": 0.05,
+    "mamba_dt_min_limit": 0.05,
+    "mamba_dt_max_limit": 0.01,
 }
 # fields that change how the same stored weights are read: compared with the base model's weights loaded into both
 SAME_WEIGHTS = {"rms_norm_zero_centered"}

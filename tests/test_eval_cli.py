@@ -80,3 +80,44 @@ def test_text_level_scores_equal_token_level_scores_under_the_task_tokenizer(tmp
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {"passkey_text", "niah_single_2_text", "variable_tracking_text"} <= {r["task"] for r in rows}
     assert all(r["n"] == 2 for r in rows if r["metric"] == "exact")
+
+
+def test_each_model_gets_only_what_fits_its_training(tmp_path):
+    """A model trained on MQAR by a recipe gets the MQAR family (no word-level needles sitting at chance), a model
+    trained on parity gets parity, and every row names its model (the folder) and its zoo architecture."""
+    import yaml
+
+    from hybridzoo.evaluation.harness import run_eval, task_fits, trained_on
+
+    config = zoo_config("qwen3-next-style", "tiny", vocab_size=300, hidden_size=32, num_hidden_layers=2,
+                        intermediate_size=0, num_attention_heads=2, num_key_value_heads=1, block_pattern="GA")
+    for name, task in (("mqar-model", "mqar"), ("parity-model", "parity")):
+        HybridForCausalLM(config).save_pretrained(tmp_path / name)
+        recipe = {"model": {"zoo": "qwen3-next-style"}, "data": {"source": "task", "task": task}}
+        (tmp_path / name / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert trained_on(str(tmp_path / "mqar-model")) == {"kind": "task", "task": "mqar"}
+    assert trained_on("transformer") is None
+    assert task_fits("forgetting_mqar", {"kind": "task", "task": "mqar"})
+    assert not task_fits("passkey", {"kind": "task", "task": "mqar"})
+    assert not task_fits("mqar", {"kind": "text"})
+
+    out = tmp_path / "eval"
+    run_eval([str(tmp_path / "mqar-model"), str(tmp_path / "parity-model")], suite="all", out_dir=str(out),
+             lengths=[64, 128], num_examples=2, batch_size=2, decode_lengths=[16], decode_tokens=1, depths=[0.5])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    tasks = {model: {r["task"] for r in rows if r["model"] == model} for model in ("mqar-model", "parity-model")}
+    assert tasks["mqar-model"] == {"mqar", "forgetting_mqar_updated", "forgetting_mqar_untouched", "decode_cost"}
+    assert tasks["parity-model"] == {"parity", "decode_cost"}
+    assert {r["architecture"] for r in rows} == {"qwen3-next-style"}
+    parity_lengths = sorted(r["length"] for r in rows if r["task"] == "parity" and r["metric"] == "accuracy")
+    assert parity_lengths == [32, 64, 128, 256]  # the length-generalisation curve
+    assert "| mqar-model | qwen3-next-style |" in (out / "results.md").read_text()
+
+
+def test_model_card_keeps_its_own_rows_of_a_comparison():
+    from hybridzoo.model_card import rows_of_model
+
+    rows = [{"model": "text-a", "task": "t"}, {"model": "text-b", "task": "t"}]
+    assert rows_of_model(rows, "text-a") == rows[:1]
+    assert rows_of_model(rows, "other") == rows  # no row names it: keep the old architecture-based selection
+    assert rows_of_model([{"task": "t"}], "text-a") == [{"task": "t"}]

@@ -125,7 +125,7 @@ def test_copy_and_parity_answers():
     copy = make_task("copy", vocab_size=1024, length=12).batch(16, seed=0)
     for ids, labels in zip(copy["input_ids"].tolist(), copy["labels"].tolist(), strict=True):
         assert ids[2:14] == ids[15:] == labels[15:]
-    parity = make_task("parity", vocab_size=1024, length=20).batch(64, seed=0)
+    parity = make_task("parity_words", vocab_size=1024, length=20).batch(64, seed=0)
     answers = []
     for ids, labels in zip(parity["input_ids"].tolist(), parity["labels"].tolist(), strict=True):
         ones = [words[i] for i in ids[:20]].count("1")

@@ -100,9 +100,10 @@ def test_streaming_yields_the_generated_tokens():
     assert streamed == output[0].tolist() and streamer.ended
 
 
-def test_packed_documents_do_not_see_each_other():
+@pytest.mark.parametrize("pattern", ["GLSA", "DA"])
+def test_packed_documents_do_not_see_each_other(pattern):
     """`position_ids` restarting at 0 marks a new document: every block must start it from a fresh state."""
-    model = _model("GLSA")
+    model = _model(pattern)
     documents = [torch.randint(3, 64, (n,)) for n in (6, 4, 7)]
     packed = torch.cat(documents)[None]
     position_ids = torch.cat([torch.arange(len(d)) for d in documents])[None]

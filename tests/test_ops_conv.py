@@ -3,6 +3,7 @@
 import torch
 
 from hybridzoo.modeling.ops_conv import causal_conv1d
+from tiny_models import assert_all_close, random_linear_grads
 
 
 def naive_conv(tokens: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,3 +65,38 @@ def test_split_and_carry_equals_one_call():
     y3, end = causal_conv1d(x[:, 7:], weight, mid)
     torch.testing.assert_close(torch.cat([y1, y2, y3], dim=1), y)
     torch.testing.assert_close(end, final)
+
+
+def _naive_batch(x, weight, state, reset=None):
+    """The loop above per row, documents split at `reset` (each later document starting from zeros)."""
+    ys = []
+    for b in range(x.shape[0]):
+        starts = [0] + ([t for t in range(1, x.shape[1]) if reset[b, t]] if reset is not None else []) + [x.shape[1]]
+        pieces = []
+        for i, (start, end) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+            initial = state[b] if i == 0 and not (reset is not None and reset[b, 0]) else torch.zeros_like(state[b])
+            pieces.append(naive_conv(x[b, start:end], weight, initial)[0])
+        ys.append(torch.cat(pieces))
+    return torch.stack(ys)
+
+
+def test_hand_written_backward_matches_autograd_of_the_loop():
+    x, weight, state = _inputs(batch=2, length=300)  # longer than one block of the weight-gradient reduction
+    reset = torch.zeros(2, 300, dtype=torch.bool)
+    reset[0, 7] = reset[0, 8] = reset[1, 0] = reset[1, 299] = True
+    leaves = [t.requires_grad_() for t in (x, weight, state)]
+    for row_reset in (None, reset):
+        y = causal_conv1d(x, weight, state, reset=row_reset)[0]
+        expected_y = _naive_batch(x, weight, state, row_reset)
+        torch.testing.assert_close(y, expected_y)
+        assert_all_close(random_linear_grads([y], leaves), random_linear_grads([expected_y], leaves))
+
+
+def test_backward_with_padding_and_gradcheck():
+    x, weight, state = _inputs(batch=2, length=9, channels=3)
+    mask = torch.rand(x.shape[:2]) > 0.3
+    reset = torch.zeros(2, 9, dtype=torch.bool)
+    reset[1, 4] = True
+    leaves = [t.requires_grad_() for t in (x, weight, state)]
+    torch.autograd.gradcheck(lambda *a: causal_conv1d(*a, mask=mask, reset=reset), leaves)
+    torch.autograd.gradcheck(lambda *a: causal_conv1d(*a), leaves)

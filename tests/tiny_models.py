@@ -25,6 +25,10 @@ def tiny_config(pattern: str = "GGGA", num_layers: int | None = None, **override
         linear_value_head_dim=8,
         sliding_window=4,
         lstm_hidden_size=24,
+        mamba_head_dim=6,  # 10 heads of 6 sharing B, C in 2 groups: head_dim != 64 and G > 1
+        mamba_num_heads=10,
+        mamba_n_groups=2,
+        mamba_d_state=8,
         max_position_embeddings=256,
         pad_token_id=PAD,
         bos_token_id=BOS,
