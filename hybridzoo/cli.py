@@ -20,7 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("hybridzoo.configs.zoo", "list the zoo's architectures, or show one config"),
     "train": ("hybridzoo.recipes.cli", "train a model from a YAML recipe (pretraining, tasks, LoRA, ...)"),
     "distill": (
-        "hybridzoo.recipes.cli_distill",
+        "hybridzoo.recipes.cli:add_distill_arguments",
         "turn a pretrained transformer into a Gated DeltaNet hybrid (align, then logit distillation)",
     ),
     "eval": ("hybridzoo.evaluation.harness", "run the retrieval / long-context eval suites on models"),
