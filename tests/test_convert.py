@@ -176,11 +176,11 @@ def test_prefill_then_token_by_token_decode_matches_source(converted, name):
     with torch.no_grad():
         expected = _source_logits(source, input_ids)
         out = model(input_ids[:, :5], use_cache=True)
-        pieces, cache = [out.logits], out.past_key_values
+        pieces, cache = [out.logits], getattr(out, CACHE_NAME)
         for t in range(5, 12):
-            out = model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids[:, t : t + 1], cache=cache, use_cache=True)
             pieces.append(out.logits)
-            cache = out.past_key_values
+            cache = getattr(out, CACHE_NAME)
         assert _relative(torch.cat(pieces, dim=1), expected) < 1e-4
         if name in CACHE_OK:  # their own cached decode agrees too
             # the installed transformers' name for the cache (`cache` since 5.24; Mamba-2 never took
