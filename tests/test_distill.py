@@ -2,11 +2,9 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,7 +25,7 @@ from hybridzoo.recipes.distill import (
     load_teacher,
     swap_kl,
 )
-from tiny_models import BLOCK_HYBRIDZOO_IMPORTS, tiny_config
+from tiny_models import BLOCK_HYBRIDZOO_IMPORTS, kill_then_resume, run_cli, tiny_config
 
 CPU = SimpleNamespace(num_processes=1, device=torch.device("cpu"))  # what the objectives' setup reads
 
@@ -205,34 +203,17 @@ def test_train_refuses_a_distill_recipe(tmp_path):
 # -------------------------------------------------------------------------------------------------------------- runs
 
 
-def run_cli(recipe_path: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hybridzoo.cli", "distill", str(recipe_path), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_killed_distillation_resumes_to_the_same_weights(tmp_path, teacher_dir):
     cache = teacher_dir.parent / "cache"
     paths = {}
     for name in ("straight", "killed"):
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(distill_recipe(tmp_path / name, teacher_dir, cache)))
-    straight = run_cli(paths["straight"])
+    straight = run_cli("distill", paths["straight"])
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
-    killed = run_cli(paths["killed"])
     checkpoint = tmp_path / "killed" / "runs" / "stage2-kl" / "checkpoints" / "step-6"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert killed.poll() is None, "the run ended before it could be killed; make stage 2 longer"
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "model.safetensors").exists()
-
-    resumed = run_cli(paths["killed"], "--resume")
-    output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, output
+    output = kill_then_resume("distill", paths["killed"], checkpoint, tmp_path / "killed")
     assert "stage1-align: finished earlier, kept" in output and "resumed from" in output
     expected, actual = (load_file(tmp_path / name / "model.safetensors") for name in ("straight", "killed"))
     assert expected.keys() == actual.keys()

@@ -1,10 +1,5 @@
 """Real training runs of tiny recipes: kill-and-resume, output folder, LoRA and classification fine-tunes, NaN stop."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from hybridzoo.recipes import train
 from hybridzoo.recipes.trainer import TrainingDiverged
+from tiny_models import kill_then_resume, run_cli
 
 
 def tiny_recipe(output_dir, cache_dir, **sections) -> dict:
@@ -35,34 +31,17 @@ def tiny_recipe(output_dir, cache_dir, **sections) -> dict:
     return recipe
 
 
-def run_cli(recipe_path: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hybridzoo.cli", "train", str(recipe_path), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
     cache = tmp_path / "cache"
     paths = {}
     for name in ("straight", "killed"):
         paths[name] = tmp_path / f"{name}.yaml"
         paths[name].write_text(yaml.safe_dump(tiny_recipe(tmp_path / name, cache)))
-    straight = run_cli(paths["straight"])
+    straight = run_cli("train", paths["straight"])
     assert straight.wait(timeout=300) == 0, straight.stdout.read()
 
-    killed = run_cli(paths["killed"])
     checkpoint = tmp_path / "killed" / "checkpoints" / "step-6"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert killed.poll() is None, "the run ended before it could be killed; make it longer"
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert not (tmp_path / "killed" / "model.safetensors").exists()
-
-    resumed = run_cli(paths["killed"], "--resume")
-    output = resumed.communicate(timeout=300)[0]
-    assert resumed.returncode == 0, output
+    output = kill_then_resume("train", paths["killed"], checkpoint, tmp_path / "killed")
     assert "resumed from" in output
     expected, actual = (load_file(tmp_path / name / "model.safetensors") for name in ("straight", "killed"))
     assert expected.keys() == actual.keys()

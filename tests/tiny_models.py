@@ -72,3 +72,35 @@ class BlockHybridzoo(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, BlockHybridzoo())
 """
+
+
+def run_cli(command: str, recipe_path, *args: str):
+    """`hybridzoo COMMAND RECIPE ARGS` in a fresh process (one thread, no progress bars), output captured."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hybridzoo.cli", command, str(recipe_path), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_then_resume(command: str, recipe_path, checkpoint, output_dir) -> str:
+    """Start a run, kill -9 it once `checkpoint` exists, check it left no final weights, resume it to the end.
+
+    Returns the resumed run's output."""
+    import signal
+    import time
+
+    killed = run_cli(command, recipe_path)
+    deadline = time.time() + 300
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert killed.poll() is None, "the run ended before it could be killed; make it longer"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (output_dir / "model.safetensors").exists()
+    resumed = run_cli(command, recipe_path, "--resume")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    return output
