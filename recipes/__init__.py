@@ -3,7 +3,7 @@
     from hybridzoo.recipes import distill, train
     train("pretrain_stdlib", overrides=["train.max_steps=50", "output_dir=outputs/try"])
 
-    distill("distill_stdlib")  # a pretrained transformer into a Gated DeltaNet hybrid (recipes/distill.py)
+    distill("distill_stdlib")  # a pretrained transformer into a Gated DeltaNet (or Mamba-2) hybrid (recipes/distill.py)
 
 The training loop (torch, accelerate) is imported only when `train` or `distill` is called.
 """

@@ -2,8 +2,8 @@
 
 The recipe's `model.from_pretrained` is the teacher, any causal LM hybridzoo loads (a hybridzoo model, e.g. the
 stdlib-pretrained `transformer`, or a checkpoint `hybridzoo convert` reads, such as a `LlamaForCausalLM` folder).
-The student has the teacher's depth; the chosen attention layers become Gated DeltaNet layers, everything else is
-copied. Then, each stage a run of the recipes' one training loop (recipes/trainer.py) with its own objective, so
+The student has the teacher's depth; the chosen attention layers become Gated DeltaNet or Mamba-2 layers, everything
+else is copied. Then, each stage a run of the recipes' one training loop (recipes/trainer.py) with its own objective, so
 checkpoints, `--resume`, progress bars, metrics.jsonl and loss plots come from there:
 
 1. align  (`AlignmentLoss`): every new mixer sees the teacher's own input to that layer and learns to reproduce the
@@ -23,9 +23,26 @@ output norm, as the block initialises them. The short conv starts as the identit
 last tap 1, the others 0, so the transferred q/k/v pass through unchanged at the start) or as the block's own
 initialisation (`fresh`).
 
-Which layers: `distill.student_pattern` (G replace / A keep, repeated over the depth), `distill.replace_layers`, or
-`distill.select: kl`: stage 1 aligns every attention layer, then for each layer the teacher is run with only that
-layer swapped for its aligned Gated DeltaNet, and the `keep_attention` layers whose swap raises KL(teacher || swapped)
+Weight transfer into a new Mamba-2 layer (Mamba in the Llama, arXiv 2408.15237: C <- Q, B <- K, x <- V, out_proj <- O):
+one Mamba-2 head per attention query head, head dim P = state size N = the attention's `head_dim`, and
+`mamba_n_groups` = the number of query heads. Mamba-2 shares B and C within a group, and C plays the query, which GQA
+does not share, so a group per query head is the only exact layout of a standard Mamba-2 block (MambaInLlama instead
+changes the block so that x and B have KV width); B and x then repeat each KV head for the query heads it serves, as
+for Gated DeltaNet. `in_proj`'s rows are Mamba-2's `[z | x | B | C | dt]` (x, B, C being the conv's channels), each
+of x, B, C head after head / group after group: z and dt rows fresh, x <- `expand_kv_heads(v_proj)`,
+B <- `expand_kv_heads(k_proj)`, C <- `q_proj`; `out_proj` <- `o_proj`; q/k/v/o biases, if the teacher has them, go
+to the same rows of `in_proj.bias` / to `out_proj.bias` (`mamba_proj_bias`), z and dt biases 0. Fresh: `dt_bias`,
+`A_log`, `D` (Mamba-2's init); the gated RMSNorm's weight is 1; the conv as for Gated DeltaNet (identity: last tap 1,
+bias 0). What differs from the teacher's attention at the start: no RoPE and no softmax (the state is
+`sum_s dt_s B_s x_s^T` under the decay exp(dt A)), x, B, C go through the conv and SiLU, `D x` is added and the output
+is gated by silu(z) and normalised per head. With the decay at 1 (A = 0), dt = 1, D = 0 and the identity conv the
+mixer is causal linear attention over silu(q), silu(k), silu(v) before that norm (the tests check this).
+
+Which layers: `distill.student_pattern` (HybridConfig's letters, repeated over the depth: A keeps the teacher's
+attention, G replaces it by Gated DeltaNet, D by Mamba-2; e.g. GGGA, DDDA, or mixed GDGA), `distill.replace_layers`,
+or `distill.select: kl` (with these two, `distill.student_block` names the new block: gated_deltanet, the default, or
+mamba2): stage 1 aligns every attention layer, then for each layer the teacher is run with only that
+layer swapped for its aligned replacement, and the `keep_attention` layers whose swap raises KL(teacher || swapped)
 the most stay attention (fla-org/hybrid-distillation ranks kept layers by a KL criterion too). The measured KL per
 layer is written to `selection.json` and the report.
 
@@ -36,6 +53,7 @@ Output folder: the final student (loads with `AutoModelForCausalLM.from_pretrain
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -54,7 +72,11 @@ from hybridzoo.recipes import trainer
 from hybridzoo.recipes.recipe import Recipe, RecipeError, load_recipe
 
 GDN = "gated_deltanet"
+MAMBA2 = "mamba2"
 ATTENTION = "attention"
+KEEP = "A"  # `student_pattern` letter of a layer that stays the teacher's attention
+STUDENT_BLOCKS = {"G": GDN, "D": MAMBA2}  # the other letters: what attention becomes (HybridConfig's letters)
+BLOCK_NAMES = {GDN: "Gated DeltaNet", MAMBA2: "Mamba-2"}
 RUNS = "runs"
 COPIED_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
@@ -108,7 +130,7 @@ def chosen_layers(recipe: Recipe, teacher_config: HybridConfig) -> list[int] | N
         if depth % len(pattern):
             raise RecipeError(f"distill.student_pattern: {pattern!r} ({len(pattern)} letters) does not tile the "
                               f"teacher's {depth} layers; use a length that divides {depth}.")
-        layers = [i for i in range(depth) if pattern[i % len(pattern)] == "G"]
+        layers = [i for i in range(depth) if pattern[i % len(pattern)] != KEEP]
     else:
         layers = sorted(set(spec.replace_layers))
         if layers and layers[-1] >= depth:
@@ -118,78 +140,212 @@ def chosen_layers(recipe: Recipe, teacher_config: HybridConfig) -> list[int] | N
         raise RecipeError(f"distill: layers {not_attention} of the teacher are not attention layers "
                           f"({[teacher_config.block_types[i] for i in not_attention]}); only attention is replaced.")
     if not layers:
-        raise RecipeError("distill: no layer would be replaced; put at least one G in distill.student_pattern.")
+        raise RecipeError("distill: no layer would be replaced; put at least one G or D in distill.student_pattern.")
     return layers
 
 
-def student_config(teacher_config: HybridConfig, replaced: list[int], conv_kernel: int | None = None) -> HybridConfig:
-    """The teacher's config with `replaced` layers as Gated DeltaNet, one GDN head per attention query head."""
+def student_blocks(recipe: Recipe, layers: list[int]) -> dict[int, str]:
+    """The block each of `layers` becomes: its `student_pattern` letter, else `distill.student_block` (default
+    Gated DeltaNet)."""
+    spec = recipe.distill
+    if spec.student_pattern is not None:
+        pattern = spec.student_pattern
+        return {i: STUDENT_BLOCKS[pattern[i % len(pattern)]] for i in layers}
+    return {i: spec.student_block or GDN for i in layers}
+
+
+def describe_blocks(blocks: str | dict[int, str]) -> str:
+    """`Gated DeltaNet`, `Mamba-2`, or both, for messages and the report."""
+    kinds = {blocks} if isinstance(blocks, str) else set(blocks.values())
+    return " and ".join(BLOCK_NAMES.get(kind, kind) for kind in sorted(kinds))
+
+
+def _block_of(blocks: str | dict[int, str], layer: int) -> str:
+    return blocks if isinstance(blocks, str) else blocks[layer]
+
+
+def check_transferable(config: HybridConfig, blocks: set[str]) -> None:
+    """Stop with the teacher's config field when its attention has parts the weight transfer cannot place."""
+    unsupported = {
+        "attention_output_gate": "its q_proj also emits an output gate per head",
+        "attention_qk_norm": "its queries and keys are RMS-normalised per head",
+    }
+    if GDN in blocks:  # Gated DeltaNet's projections have no biases; Mamba-2's in_proj / out_proj can take them
+        unsupported.update(attention_bias="its q/k/v projections have biases",
+                           attention_out_bias="its o_proj has a bias")
+    for field, what in unsupported.items():
+        if getattr(config, field, False):
+            raise RecipeError(
+                f"distill: the teacher's `{field}` is set ({what}); the weight transfer into "
+                f"{' / '.join(BLOCK_NAMES[b] for b in sorted(blocks))} maps plain q/k/v/o only, so this teacher "
+                "cannot be turned into that student" + (" (Mamba-2 students take q/k/v/o biases)." if "bias" in field
+                                                        else "."))
+
+
+def student_config(teacher_config: HybridConfig, replaced: list[int], blocks: str | dict[int, str] = GDN
+                   ) -> HybridConfig:
+    """The teacher's config with `replaced` layers as `blocks` (one block type, or one per layer), one recurrent head
+    per attention query head: Gated DeltaNet with Hk = Hv = H, Dk = Dv = head_dim; Mamba-2 with H heads, head dim
+    P = state size N = head_dim and one B/C group per head."""
     values = teacher_config.to_dict()
     for key in ("block_pattern", "layer_types", "architectures", "transformers_version", "auto_map", "model_type",
                 "dtype", "torch_dtype"):
         values.pop(key, None)
-    values["block_types"] = [GDN if i in replaced else block for i, block in enumerate(teacher_config.block_types)]
-    values.update(linear_num_key_heads=teacher_config.num_attention_heads,
-                  linear_num_value_heads=teacher_config.num_attention_heads,
-                  linear_key_head_dim=teacher_config.head_dim, linear_value_head_dim=teacher_config.head_dim)
-    if conv_kernel is not None:
-        values["linear_conv_kernel_dim"] = conv_kernel
+    values["block_types"] = [_block_of(blocks, i) if i in replaced else block
+                             for i, block in enumerate(teacher_config.block_types)]
+    new = {values["block_types"][i] for i in replaced}
+    unknown = sorted(new - set(BLOCK_NAMES))
+    if unknown:
+        raise RecipeError(f"distill.student_block: attention can become {' or '.join(BLOCK_NAMES)}, not {unknown}.")
+    heads, head_dim = teacher_config.num_attention_heads, teacher_config.head_dim
+    fields = {}
+    if GDN in new:
+        fields[GDN] = dict(linear_num_key_heads=heads, linear_num_value_heads=heads, linear_key_head_dim=head_dim,
+                           linear_value_head_dim=head_dim)
+    if MAMBA2 in new:
+        has_bias = teacher_config.attention_bias or bool(teacher_config.attention_out_bias)
+        fields[MAMBA2] = dict(mamba_num_heads=heads, mamba_head_dim=head_dim, mamba_d_state=head_dim,
+                              mamba_n_groups=heads, mamba_proj_bias=has_bias)
+    for block, needed in fields.items():
+        # a teacher that already has such layers keeps them: their fields must be the ones the new layers need
+        differing = {k: v for k, v in needed.items() if values[k] != v}
+        if block in teacher_config.block_types and differing:
+            raise RecipeError(
+                f"distill: the teacher already has {BLOCK_NAMES[block]} layers with "
+                f"{ {k: values[k] for k in differing} }, but new ones initialised from its attention need {differing}; "
+                "one config holds one set of these fields, so replace its attention by the other block kind.")
+        values.update(needed)
     return HybridConfig(**values)
 
 
 def expand_kv_heads(weight: torch.Tensor, kv_heads: int, query_heads: int) -> torch.Tensor:
-    """`[Hkv * D, in]` -> `[H * D, in]`: KV head j repeated for the query heads j * r .. j * r + r - 1 it serves."""
+    """`[Hkv * D, ...]` -> `[H * D, ...]`: KV head j repeated for the query heads j * r .. j * r + r - 1 it serves."""
     head_dim = weight.shape[0] // kv_heads
-    return weight.view(kv_heads, head_dim, -1).repeat_interleave(query_heads // kv_heads, dim=0).reshape(
-        query_heads * head_dim, -1)
+    return weight.reshape(kv_heads, head_dim, -1).repeat_interleave(query_heads // kv_heads, dim=0).reshape(
+        query_heads * head_dim, *weight.shape[1:])
+
+
+def _copy(target: torch.Tensor, value: torch.Tensor, name: str, origin: str) -> None:
+    if value.shape != target.shape:
+        raise ValueError(f"distill: {name} {list(target.shape)} cannot take the teacher's {origin} "
+                         f"{list(value.shape)}; this attention layout is not one the weight transfer maps yet.")
+    target.copy_(value)
+
+
+def _identity_conv(conv: torch.nn.Conv1d, prefix: str, mapping: dict[str, str]) -> None:
+    conv.weight.zero_()
+    conv.weight[:, :, -1] = 1.0  # the causal conv's newest tap: the current token passes through unchanged
+    mapping[f"{prefix}conv1d.weight"] = "identity"
+    if conv.bias is not None:
+        conv.bias.zero_()
+        mapping[f"{prefix}conv1d.bias"] = "identity"
+
+
+def _into_gated_deltanet(mixer, source: dict, prefix: str, config: HybridConfig, conv_init: str
+                         ) -> tuple[dict[str, str], set[str]]:
+    """q_proj / o_proj copied, k_proj / v_proj with each KV head repeated for its query heads (see the docstring)."""
+    mapping, used = {}, set()
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        key = f"{prefix}{name}.weight"
+        value, origin = source[key], key
+        if name in ("k_proj", "v_proj"):
+            value = expand_kv_heads(value, config.num_key_value_heads, config.num_attention_heads)
+            origin = f"expand_kv_heads({key})"
+        _copy(getattr(mixer, name).weight, value, f"{prefix}{name}.weight", origin)
+        mapping[f"{prefix}{name}.weight"] = origin
+        used.add(key)
+    if conv_init == "identity":
+        _identity_conv(mixer.conv1d, prefix, mapping)
+    return mapping, used
+
+
+def _into_mamba2(mixer, source: dict, prefix: str, config: HybridConfig, conv_init: str
+                 ) -> tuple[dict[str, str], set[str]]:
+    """in_proj's rows `[z | x | B | C | dt]`: x <- V and B <- K (each KV head repeated for its query heads), C <- Q,
+    z and dt fresh; out_proj <- o_proj; biases likewise; the gated norm's weight 1 (see the docstring)."""
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    inner, group_width = mixer.intermediate_size, mixer.n_groups * mixer.d_state
+    ends = list(itertools.accumulate([inner, inner, group_width, group_width, heads]))
+    rows = {part: slice(end - size, end) for part, size, end in
+            zip(("z", "x", "B", "C", "dt"), (inner, inner, group_width, group_width, heads), ends, strict=True)}
+    mapping, used = {}, set()
+    origins = {"z": "fresh", "dt": "fresh"}
+    if mixer.in_proj.bias is not None:
+        mixer.in_proj.bias.zero_()  # z and dt (dt's offset is dt_bias), and x / B / C where the teacher has no bias
+    for part, name in (("x", "v_proj"), ("B", "k_proj"), ("C", "q_proj")):
+        for kind in ("weight", "bias"):
+            key, target = f"{prefix}{name}.{kind}", getattr(mixer.in_proj, kind)
+            if key not in source:
+                continue
+            value = source[key] if part == "C" else expand_kv_heads(source[key], kv_heads, heads)
+            _copy(target[rows[part]], value, f"{prefix}in_proj.{kind}[{part} rows]", key)
+            used.add(key)
+        key = f"{prefix}{name}.weight"
+        origins[part] = key if part == "C" else f"expand_kv_heads({key})"
+    mapping[f"{prefix}in_proj.weight"] = "rows " + "; ".join(
+        f"{rows[part].start}:{rows[part].stop} {part} <- {origins[part]}" for part in rows)
+    if mixer.in_proj.bias is not None:
+        mapping[f"{prefix}in_proj.bias"] = "the same rows of the q/k/v biases (0 where the teacher has none; z, dt: 0)"
+    for kind in ("weight", "bias"):
+        key, target = f"{prefix}o_proj.{kind}", getattr(mixer.out_proj, kind)
+        if target is None:
+            continue
+        if key in source:
+            _copy(target, source[key], f"{prefix}out_proj.{kind}", key)
+            used.add(key)
+        else:
+            target.zero_()
+        mapping[f"{prefix}out_proj.{kind}"] = key if key in source else "zeros"
+    mixer.norm.weight.fill_(1.0)
+    mapping[f"{prefix}norm.weight"] = "ones"
+    if conv_init == "identity":
+        _identity_conv(mixer.conv1d, prefix, mapping)
+    return mapping, used
+
+
+# how a teacher attention layer's weights enter each kind of new layer: (the new mixer, the teacher's state dict, the
+# layer's `model.layers.i.mixer.` prefix, which names the attention in the teacher and the new mixer in the student,
+# the teacher's config, conv_init) -> (student tensor -> where it came from, the teacher keys read)
+TRANSFERS = {GDN: _into_gated_deltanet, MAMBA2: _into_mamba2}
 
 
 @torch.no_grad()
 def transfer_weights(teacher: HybridForCausalLM, student: HybridForCausalLM, replaced: list[int],
                      conv_init: str = "identity") -> dict[str, str]:
     """Copy the teacher into the student; returns, per student tensor, where it came from (a teacher key, or
-    `expand_kv_heads(key)`, `identity`, `fresh`). Every teacher tensor lands somewhere; nothing else stays random
-    except the fresh gate/decay parameters of the new layers."""
+    `expand_kv_heads(key)`, row ranges of Mamba-2's `in_proj`, `identity`, `ones`, `fresh`). Every teacher tensor lands
+    somewhere; nothing else stays random except the fresh gate/decay parameters of the new layers."""
     source = teacher.state_dict()
     config = teacher.config
+    check_transferable(config, {student.config.block_types[i] for i in replaced})
     mapping: dict[str, str] = {}
+    used: set[str] = set()
+    new_mixers = tuple(f"model.layers.{i}.mixer." for i in replaced)
     for name, tensor in student.state_dict().items():
-        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
-        if layer not in replaced or ".mixer." not in name:
-            tensor.copy_(source[name])
-            mapping[name] = name
+        if name.startswith(new_mixers):
+            mapping[name] = "fresh"  # unless the layer's transfer below says otherwise
             continue
-        prefix, leaf = name.rsplit(".mixer.", 1)
-        attention = f"{prefix}.mixer."
-        if leaf in ("q_proj.weight", "o_proj.weight", "k_proj.weight", "v_proj.weight"):
-            value = source[attention + leaf]
-            if leaf in ("k_proj.weight", "v_proj.weight"):
-                value = expand_kv_heads(value, config.num_key_value_heads, config.num_attention_heads)
-            if value.shape != tensor.shape:
-                raise ValueError(f"distill: {name} {list(tensor.shape)} cannot take the teacher's {attention + leaf} "
-                                 f"{list(value.shape)}; this attention layout (e.g. a gated query) is not one the "
-                                 "weight transfer maps yet.")
-            tensor.copy_(value)
-            mapping[name] = attention + leaf if leaf in ("q_proj.weight", "o_proj.weight") else \
-                f"expand_kv_heads({attention + leaf})"
-        elif leaf == "conv1d.weight" and conv_init == "identity":
-            tensor.zero_()
-            tensor[:, :, -1] = 1.0  # the causal conv's newest tap: the current token passes through unchanged
-            mapping[name] = "identity"
-        else:
-            mapping[name] = "fresh"
-    used = {key.removeprefix("expand_kv_heads(").removesuffix(")") for key in mapping.values()}
+        tensor.copy_(source[name])
+        mapping[name] = name
+        used.add(name)
+    for i in replaced:
+        prefix = f"model.layers.{i}.mixer."
+        transfer = TRANSFERS[student.config.block_types[i]]
+        placed, read = transfer(student.model.layers[i].mixer, source, prefix, config, conv_init)
+        mapping.update(placed)
+        used |= read
     dropped = sorted(set(source) - used)
-    if dropped:  # cannot happen for the layouts above; a new teacher layout must not lose weights silently
+    if dropped:  # check_transferable stops the known cases first; a new teacher layout must not lose weights silently
         raise RuntimeError(f"weight transfer left teacher tensors unused: {dropped}")
     return mapping
 
 
-def build_student(teacher: HybridForCausalLM, replaced: list[int], conv_init: str, seed: int
-                  ) -> tuple[HybridForCausalLM, dict[str, str]]:
-    """The student of `replaced` layers, initialised from the teacher (the fresh parts seeded by `seed`)."""
+def build_student(teacher: HybridForCausalLM, replaced: list[int], conv_init: str, seed: int,
+                  blocks: str | dict[int, str] = GDN) -> tuple[HybridForCausalLM, dict[str, str]]:
+    """The student of `replaced` layers as `blocks`, initialised from the teacher (the fresh parts seeded by
+    `seed`)."""
     torch.manual_seed(seed)
-    student = HybridForCausalLM(student_config(teacher.config, replaced))
+    student = HybridForCausalLM(student_config(teacher.config, replaced, blocks))
     mapping = transfer_weights(teacher, student, replaced, conv_init)
     return student.eval(), mapping
 
@@ -322,7 +478,7 @@ def frozen_part(name: str, layers) -> str | None:
 @torch.no_grad()
 def swap_kl(teacher: HybridForCausalLM, aligned: HybridForCausalLM, layers: list[int], batches: list[dict],
             temperature: float = 1.0) -> dict[int, float]:
-    """KL(teacher || teacher with only layer i's attention swapped for its aligned Gated DeltaNet), per layer."""
+    """KL(teacher || teacher with only layer i's attention swapped for its aligned replacement), per layer."""
     references = [teacher(input_ids=b["input_ids"], position_ids=b.get("position_ids"), use_cache=False).logits
                   for b in batches]
     result = {}
@@ -471,20 +627,22 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
     teacher = load_teacher(teacher_dir)
     replaced = chosen_layers(recipe, teacher.config)
     candidates = replaced if replaced is not None else attention_layers(teacher.config)
+    blocks = student_blocks(recipe, candidates)
     if replaced is None and spec.keep_attention >= len(candidates):
         raise RecipeError(f"distill.keep_attention: the teacher has {len(candidates)} attention layers; keep fewer "
                           "so that some are replaced.")
     print(f"teacher: {teacher_dir} ({teacher.config.num_hidden_layers} layers, "
           f"{sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters); "
-          + (f"replacing layers {replaced}" if replaced is not None else
-             f"aligning all {len(candidates)} attention layers, then keeping {spec.keep_attention} chosen by KL"),
+          + (f"replacing layers {replaced} by {describe_blocks(blocks)}" if replaced is not None else
+             f"aligning {describe_blocks(blocks)} in all {len(candidates)} attention layers, then keeping "
+             f"{spec.keep_attention} chosen by KL"),
           flush=True)
 
     # the stage-1 model: the candidates replaced, everything from the teacher
     laps.start()
     init_dir = runs / "student-init"
     if not (resume and (init_dir / "config.json").exists()):
-        student, mapping = build_student(teacher, candidates, spec.conv_init, seed)
+        student, mapping = build_student(teacher, candidates, spec.conv_init, seed, blocks)
         save_model_atomically(student, tokenizer, init_dir)
         write_json_atomically(runs / "weight_transfer.json", mapping)
 
@@ -508,7 +666,7 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
         replaced = selection["replaced"]
         write_json_atomically(output_dir / "selection.json", selection)
     stage1_dir = runs / "student-stage1"
-    student = assemble_student(teacher, aligned, replaced, spec.conv_init, seed)
+    student = assemble_student(teacher, aligned, replaced, spec.conv_init, seed, blocks)
     if not (resume and (stage1_dir / "config.json").exists()):
         save_model_atomically(student, tokenizer, stage1_dir)
     laps.stop("select")
@@ -582,9 +740,9 @@ def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | No
 
 @torch.no_grad()
 def assemble_student(teacher: HybridForCausalLM, aligned: HybridForCausalLM, replaced: list[int], conv_init: str,
-                     seed: int) -> HybridForCausalLM:
+                     seed: int, blocks: str | dict[int, str] = GDN) -> HybridForCausalLM:
     """The student of `replaced` layers: their mixers from the aligned model, everything else from the teacher."""
-    student, _ = build_student(teacher, replaced, conv_init, seed)
+    student, _ = build_student(teacher, replaced, conv_init, seed, blocks)
     aligned_state = aligned.state_dict()
     for name, tensor in student.state_dict().items():
         if any(name.startswith(f"model.layers.{i}.mixer.") for i in replaced):
@@ -594,7 +752,7 @@ def assemble_student(teacher: HybridForCausalLM, aligned: HybridForCausalLM, rep
 
 def select_by_kl(recipe: Recipe, teacher: HybridForCausalLM, aligned: HybridForCausalLM, candidates: list[int],
                  tokenizer_path: str) -> dict:
-    """Keep as attention the `keep_attention` layers whose swap for their aligned Gated DeltaNet costs the most KL,
+    """Keep as attention the `keep_attention` layers whose swap for their aligned replacement costs the most KL,
     measured on the first `select_batches` training micro-batches."""
     from hybridzoo.recipes.data import prepare_data
 

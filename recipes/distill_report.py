@@ -31,7 +31,9 @@ from hybridzoo.evaluation.harness import (
     run_text_tasks,
 )
 from hybridzoo.modeling import HybridForCausalLM
+from hybridzoo.modeling.blocks import BLOCK_CLASSES
 from hybridzoo.recipes.data import prepare_data
+from hybridzoo.recipes.distill import describe_blocks
 from hybridzoo.recipes.recipe import Recipe, load_recipe
 from hybridzoo.recipes.trainer import compute_loss
 
@@ -112,7 +114,11 @@ def write_report(recipe: Recipe, teacher, folders: dict[str, Path], tokens: dict
                                              [0.5], spec.retrieval_examples, seed)
     rows += retrieval_rows
 
-    report = {"held_out_loss": losses, "gap_closed": gap, "gap_target": GAP_TARGET,
+    block_types = models[STUDENT].config.block_types if STUDENT in models else None
+    replaced = None if block_types is None else {  # layer -> its new block
+        i: new for i, (old, new) in enumerate(zip(teacher.config.block_types, block_types, strict=True)) if old != new}
+    report = {"held_out_loss": losses, "student_block_types": block_types, "replaced_layers": replaced,
+              "gap_closed": gap, "gap_target": GAP_TARGET,
               "target_met": None if gap is None else gap >= GAP_TARGET, "decode": decode,
               "retention": retention(retrieval_rows), "selection": selection, "machine": machine(),
               "timing": timing, "load_average_end": os.getloadavg()}
@@ -152,15 +158,21 @@ def _fmt(value, digits: int = 3) -> str:
 
 def report_markdown(recipe: Recipe, report: dict, folders: dict[str, Path]) -> str:
     spec = recipe.distill
+    block_types, replaced = report.get("student_block_types"), report.get("replaced_layers")
+    if block_types and replaced:
+        student = (f"replaces attention layers {list(replaced)} by {describe_blocks(replaced)} (layer by layer: "
+                   f"`{''.join(BLOCK_CLASSES[block].pattern_letter for block in block_types)}`) ")
+    else:
+        student = "replaces attention layers by new recurrent layers "
     lines = ["## Distillation", "",
-             f"Teacher `{recipe.model.from_pretrained}`; the student replaces attention layers by Gated DeltaNet "
+             f"Teacher `{recipe.model.from_pretrained}`; the student {student}"
              f"(weights transferred from the teacher's q/k/v/o, see recipes/distill.py), then stage 1 aligns each new "
              f"layer's output to the teacher attention's ({spec.align_steps} steps, lr {spec.align_lr}) and stage 2 "
              f"distils the logits ({recipe.train.max_steps} steps, lr {recipe.train.lr}, temperature "
              f"{spec.temperature}" + (", LoRA" if recipe.peft.enabled else "") + ").", ""]
     selection = report.get("selection")
     if selection:
-        lines += ["Layers chosen by KL(teacher || teacher with one layer swapped for its aligned Gated DeltaNet), "
+        lines += ["Layers chosen by KL(teacher || teacher with one layer swapped for its aligned replacement), "
                   f"over {selection['batches']} training batches; attention kept at {selection['kept_attention']}:",
                   "", "| layer | KL |", "|---:|---:|",
                   *(f"| {layer} | {value:.4f} |" for layer, value in selection["kl_per_layer"].items()), ""]

@@ -98,12 +98,15 @@ class PeftSection:
 
 @dataclass
 class DistillSection:
-    """`kind: distill` only: which attention layers of the teacher (`model.from_pretrained`) become Gated DeltaNet
-    layers, and the two stages (recipes/distill.py). `train` holds the logit-distillation stage's optimizer settings."""
+    """`kind: distill` only: which attention layers of the teacher (`model.from_pretrained`) become Gated DeltaNet or
+    Mamba-2 layers, and the two stages (recipes/distill.py). `train` holds the logit-distillation stage's optimizer
+    settings."""
 
     # which layers are replaced: exactly one of the three
-    student_pattern: str | None = None  # e.g. GGGA, repeated over the depth: G replaced, A the teacher's kept
+    student_pattern: str | None = None  # e.g. GGGA or DDDA, repeated over the depth: A the teacher's attention kept,
+    # G replaced by Gated DeltaNet, D by Mamba-2 (HybridConfig's letters; mixed, e.g. GDGA, is fine)
     replace_layers: list | None = None  # explicit layer indices to replace
+    student_block: str | None = None  # replace_layers / select only: gated_deltanet (None: the default) | mamba2
     select: str | None = None  # "kl": align every attention layer, keep the `keep_attention` whose swap costs most KL
     keep_attention: int = 2  # select only
     select_batches: int = 4  # select only: training micro-batches the KL of each swap is measured on
@@ -351,8 +354,14 @@ def validate_distill(recipe: Recipe) -> None:
            f"choose the replaced layers one way, got {chosen or 'none'}: distill.student_pattern (e.g. GGGA), "
            "distill.replace_layers (e.g. [0, 1, 2]) or distill.select: kl (only one of them).")
     if s.student_pattern is not None:
-        _check(bool(s.student_pattern) and set(s.student_pattern) <= {"G", "A"}, "distill.student_pattern",
-               f"{s.student_pattern!r}: use the letters G (replace by Gated DeltaNet) and A (keep attention).")
+        _check(bool(s.student_pattern) and set(s.student_pattern) <= {"G", "D", "A"}, "distill.student_pattern",
+               f"{s.student_pattern!r}: use the letters G (replace by Gated DeltaNet), D (replace by Mamba-2) and A "
+               "(keep attention).")
+        _check(s.student_block is None, "distill.student_block",
+               f"with distill.student_pattern the letters choose the new blocks (G Gated DeltaNet, D Mamba-2); drop "
+               f"student_block={s.student_block!r} or write it into the pattern (e.g. DDDA).")
+    _check(s.student_block in (None, "gated_deltanet", "mamba2"), "distill.student_block",
+           f"{s.student_block!r}: use gated_deltanet or mamba2 (the blocks a teacher's attention weights initialise).")
     if s.replace_layers is not None:
         _check(bool(s.replace_layers) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                               for i in s.replace_layers), "distill.replace_layers",
