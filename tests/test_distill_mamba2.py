@@ -1,5 +1,5 @@
 """`hybridzoo distill` into Mamba-2 students: Mamba in the Llama's weight transfer (C <- Q, B <- K, x <- V,
-out_proj <- O), its closed form as linear attention, alignment, KL selection, a mixed G/D run and the reload."""
+out_proj <- O), its closed form as linear attention, alignment, mixed G/D students, KL selection and the reload."""
 
 import json
 import os
@@ -17,8 +17,10 @@ from hybridzoo.recipes.distill import (  # `distill` from here: after test_disti
     AlignmentLoss,
     assemble_student,
     build_student,
+    chosen_layers,
     distill,
     distillation_kl,
+    student_blocks,
     swap_kl,
 )
 from tiny_models import tiny_config
@@ -187,21 +189,47 @@ def test_bad_student_blocks_name_the_key(tmp_path, change, expected):
         load_recipe(recipe)
 
 
-def test_mixed_gdn_mamba2_student_distils_and_reloads_with_remote_code(tmp_path, teacher_dir):  # noqa: F811
-    """`student_pattern: DGDA`: both kinds of new layer, both stages, then the saved student reloads with
-    trust_remote_code in a process that cannot import hybridzoo and gives the same logits."""
+def test_mixed_pattern_builds_both_kinds_from_the_teacher(tmp_path):
+    """`student_pattern: DGDA`: layers 0 and 2 Mamba-2, layer 1 Gated DeltaNet, layer 3 the teacher's attention, each
+    new layer holding its own attention's weights."""
+    recipe = load_recipe(distill_recipe(tmp_path / "out", tmp_path, tmp_path / "cache", student_pattern="DGDA"))
+    teacher = HybridForCausalLM(tiny_config("A", num_layers=4)).eval()
+    layers = chosen_layers(recipe, teacher.config)
+    blocks = student_blocks(recipe, layers)
+    assert blocks == {0: "mamba2", 1: "gated_deltanet", 2: "mamba2"}
+    student, _ = build_student(teacher, layers, "identity", seed=0, blocks=blocks)
+    assert student.config.block_types == ["mamba2", "gated_deltanet", "mamba2", "attention"]
+    source, target = teacher.state_dict(), student.state_dict()
+    C = 3 * HEADS * HEAD_DIM
+    for layer in (0, 2):
+        q = source[f"model.layers.{layer}.mixer.q_proj.weight"]
+        assert torch.equal(target[f"model.layers.{layer}.mixer.in_proj.weight"][C:C + HEADS * HEAD_DIM], q)
+    assert torch.equal(target["model.layers.1.mixer.q_proj.weight"], source["model.layers.1.mixer.q_proj.weight"])
+    assert torch.equal(target["model.layers.3.mixer.q_proj.weight"], source["model.layers.3.mixer.q_proj.weight"])
+
+
+def test_mamba2_selected_by_kl_distils_and_reloads_with_remote_code(tmp_path, teacher_dir):  # noqa: F811
+    """`select: kl` with `student_block: mamba2`: every attention layer is aligned as Mamba-2, the costliest swap
+    stays attention, both stages run, and the saved student reloads with trust_remote_code in a process that cannot
+    import hybridzoo and gives the same logits."""
     out = tmp_path / "student"
-    recipe = distill_recipe(out, teacher_dir, teacher_dir.parent / "cache", student_pattern="DGDA", align_steps=4)
-    recipe["train"].update(max_steps=3, warmup_steps=1, grad_accum=1)
+    recipe = distill_recipe(out, teacher_dir, teacher_dir.parent / "cache", student_pattern=None, select="kl",
+                            keep_attention=1, select_batches=1, student_block="mamba2", align_steps=3)
+    recipe["train"].update(max_steps=2, warmup_steps=1, grad_accum=1)
     recipe["checkpoint"] = {"every": 0}
     summary = distill(recipe)
-    assert summary["student_block_types"] == ["mamba2", "gated_deltanet", "mamba2", "attention"]
+    selection = json.loads((out / "selection.json").read_text())
+    kl = {int(k): v for k, v in selection["kl_per_layer"].items()}
+    kept = max(kl, key=kl.get)
+    assert selection["kept_attention"] == [kept]
+    block_types = ["attention" if i == kept else "mamba2" for i in range(4)]
+    assert summary["student_block_types"] == block_types
+    aligned = json.loads((out / "runs" / "stage1-align" / "config.json").read_text())
+    assert aligned["block_types"] == ["mamba2"] * 4
     transfer = json.loads((out / "runs" / "weight_transfer.json").read_text())
     assert "C <- model.layers.0.mixer.q_proj.weight" in transfer["model.layers.0.mixer.in_proj.weight"]
-    assert transfer["model.layers.1.mixer.q_proj.weight"] == "model.layers.1.mixer.q_proj.weight"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    align = [r["loss"] for r in records if r["stage"] == "align"]
-    assert len(align) == 4 and all(torch.isfinite(torch.tensor(align)))
+    assert [r["stage"] for r in records] == ["align"] * 3 + ["kl"] * 2
 
     student = HybridForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(3, 320, (2, 12))
@@ -214,4 +242,4 @@ def test_mixed_gdn_mamba2_student_distils_and_reloads_with_remote_code(tmp_path,
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     reloaded = json.loads(loaded.stdout.strip().splitlines()[-1])
     assert reloaded["difference"] < 1e-5
-    assert reloaded["block_types"] == ["mamba2", "gated_deltanet", "mamba2", "attention"]
+    assert reloaded["block_types"] == block_types
