@@ -160,12 +160,12 @@ def report_markdown(recipe: Recipe, report: dict, folders: dict[str, Path]) -> s
     spec = recipe.distill
     block_types, replaced = report.get("student_block_types"), report.get("replaced_layers")
     if block_types and replaced:
-        student = (f"replaces attention layers {list(replaced)} by {describe_blocks(replaced)} (layer by layer: "
-                   f"`{''.join(BLOCK_CLASSES[block].pattern_letter for block in block_types)}`) ")
+        layout = "".join(BLOCK_CLASSES[block].pattern_letter for block in block_types)
+        student = f"student (`{layout}`) replaces attention layers {list(replaced)} by {describe_blocks(replaced)}"
     else:
-        student = "replaces attention layers by new recurrent layers "
+        student = "student replaces attention layers by recurrent ones"
     lines = ["## Distillation", "",
-             f"Teacher `{recipe.model.from_pretrained}`; the student {student}"
+             f"Teacher `{recipe.model.from_pretrained}`; the {student} "
              f"(weights transferred from the teacher's q/k/v/o, see recipes/distill.py), then stage 1 aligns each new "
              f"layer's output to the teacher attention's ({spec.align_steps} steps, lr {spec.align_lr}) and stage 2 "
              f"distils the logits ({recipe.train.max_steps} steps, lr {recipe.train.lr}, temperature "
