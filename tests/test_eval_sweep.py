@@ -6,7 +6,7 @@ import pytest
 
 from hybridzoo.cli import main
 from hybridzoo.evaluation.references import beside_ours, matching_references, reference_points
-from hybridzoo.evaluation.sweep import (
+from hybridzoo.recipes.sweep import (
     CELLS_FILE,
     Cell,
     best_learning_rates,

@@ -1,6 +1,6 @@
 """Sweeps given as data: models x widths x learning rates (x seeds) trained on one task, tested on several slices.
 
-A sweep is a YAML file (`evaluation/sweeps/NAME.yaml` for the built-in ones, or any path):
+A sweep is a YAML file (`recipes/sweeps/NAME.yaml` for the built-in ones, or any path):
 
     name: zoology-cpu
     task: mqar                        # a task of data/tasks.py
@@ -209,9 +209,9 @@ def test_slice_fields(task) -> dict:
 
 def train_and_test(spec: SweepSpec, cell: Cell, progress: bool = True) -> list[dict]:
     """Train `cell`'s model with `hybridzoo compare`'s loop, test it on every test slice; returns the rows."""
-    from .harness import make_rows, model_info
-    from .metrics import evaluate_task
-    from .train import train_on_task
+    from hybridzoo.evaluation.harness import make_rows, model_info
+    from hybridzoo.evaluation.metrics import evaluate_task
+    from hybridzoo.evaluation.train import train_on_task
 
     model_spec = spec.model(cell.model)
     train = spec.train_tasks()
@@ -363,7 +363,7 @@ def best_learning_rates(rows_by_cell: dict[str, list[dict]], cells: list[Cell]) 
 
 def pooled_accuracy(rows: list[dict]) -> dict:
     """Accuracy rows of one test slice over seeds: the mean value and a Wilson interval on the pooled counts."""
-    from .metrics import wilson_interval
+    from hybridzoo.evaluation.metrics import wilson_interval
 
     rows = sorted(rows, key=lambda r: r["seed"])
     correct = sum(r["correct"] for r in rows)
@@ -411,8 +411,8 @@ def summarize(spec: SweepSpec, finished: dict[str, dict]) -> tuple[list[dict], l
 
 
 def write_summary(spec: SweepSpec, finished: dict[str, dict], out: Path, plot: bool = True) -> dict[str, Path]:
-    from . import plots
-    from .references import matching_references, references_markdown
+    from hybridzoo.evaluation import plots
+    from hybridzoo.evaluation.references import matching_references, references_markdown
 
     all_rows, points = summarize(spec, finished)
     written = {"results": out / "results.jsonl", "markdown": out / "sweep.md", "summary": out / "summary.json"}

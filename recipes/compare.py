@@ -19,10 +19,10 @@ import torch
 from hybridzoo.configs.zoo import ARCHITECTURES, task_model_config
 from hybridzoo.data.tasks import TaskMixture, chance_accuracy, make_task
 
-from .harness import make_rows, model_info, write_outputs
-from .metrics import evaluate_task
-from .sweep import load_sweep, run_sweep
-from .train import train_on_task
+from hybridzoo.evaluation.harness import make_rows, model_info, write_outputs
+from hybridzoo.evaluation.metrics import evaluate_task
+from hybridzoo.evaluation.train import train_on_task
+from hybridzoo.recipes.sweep import load_sweep, run_sweep
 
 
 @dataclass
@@ -159,7 +159,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output-dir", default=None, help=f"default: {defaults.output_dir}, or outputs/sweeps/NAME "
                         "with --sweep")
     parser.add_argument("--sweep", help="run a sweep given as data instead: a built-in name (zoology, zoology-cpu, "
-                        "parity-neg-eigval, ...) or a YAML file (see evaluation/sweep.py); models x widths x learning "
+                        "parity-neg-eigval, ...) or a YAML file (see recipes/sweep.py); models x widths x learning "
                         "rates, best learning rate per cell, resumable from --output-dir; the other options are "
                         "ignored")
     parser.add_argument("--restart", action="store_true", help="with --sweep: start over in an output folder that "
