@@ -294,7 +294,8 @@ def train_and_test(spec: SweepSpec, cell: Cell, folder: Path) -> list[dict]:
         metrics = evaluate_task(model, task, spec.test_examples, seed=cell.seed + 10_000)
         rows += make_rows(info, spec.task, fields["length"], cell.seed, metrics, num_kv_pairs=fields["num_kv_pairs"],
                           lr=cell.lr, cell=cell.key, chance=chance_accuracy(task), train_seconds=record["seconds"],
-                          train_steps=spec.steps, final_train_loss=record["final_loss"])
+                          train_steps=spec.steps, final_train_loss=record["final_loss"],
+                          **{k: v for k, v in record.items() if k.startswith("newton_")})
     return rows
 
 
