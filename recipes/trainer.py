@@ -455,6 +455,7 @@ def save_final(accelerator, model, data: PreparedData, recipe: Recipe, progress:
         tmp = output_dir / ".summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, output_dir / "summary.json")
-        print(f"saved: {output_dir} (model, tokenizer, metrics.jsonl, loss_curve.png)", flush=True)
+        saved = "model, tokenizer" if data.tokenizer is not None else "model"
+        print(f"saved: {output_dir} ({saved}, metrics.jsonl, loss_curve.png)", flush=True)
     accelerator.wait_for_everyone()
     return summary
