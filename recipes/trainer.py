@@ -380,7 +380,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
 
     world, rank, batch_size = accelerator.num_processes, accelerator.process_index, t.micro_batch_size
     model.train()
-    bar = tqdm(total=t.max_steps, initial=progress.step, desc="train", unit="step", disable=not main)
+    # only the main process shows progress; there TQDM_DISABLE=1 still turns it off
+    hidden = {} if main else {"disable": True}
+    bar = tqdm(total=t.max_steps, initial=progress.step, desc="train", unit="step", **hidden)
     start, start_tokens, start_seconds, last_eval = time.perf_counter(), progress.tokens, progress.seconds, {}
     while progress.step < t.max_steps:
         losses = []
