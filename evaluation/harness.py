@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 
 from hybridzoo.configs.zoo import ARCHITECTURES, describe, zoo_config
 from hybridzoo.data.documents import read_documents, split_documents
-from hybridzoo.data.tasks import MQAR_EXTRAPOLATION_SLICES, MQAR_STANDARD_SLICES, WordVocabulary, make_task
+from hybridzoo.data.tasks import (
+    MQAR_EXTRAPOLATION_SLICES,
+    MQAR_STANDARD_SLICES,
+    WordVocabulary,
+    batch_seed,
+    make_task,
+)
 from hybridzoo.modeling import CACHE_NAME, HybridForCausalLM
 
 from . import plots
@@ -163,7 +169,7 @@ def run_forgetting(model, info: dict, lengths: list[int], num_examples: int, see
         updated, untouched = Accumulator(), Accumulator()
         for start in range(0, num_examples, batch_size):
             size = min(batch_size, num_examples - start)
-            batch = task.batch(size, seed=seed * 1_000_003 + start)
+            batch = task.batch(size, seed=batch_seed(seed, start))
             for accumulator, keep in ((updated, batch["updated"]), (untouched, ~batch["updated"])):
                 masked = dict(batch, labels=batch["labels"].masked_fill(~keep, -100))
                 accumulator.add(score_batch(model, masked))
@@ -292,7 +298,7 @@ def run_loss_by_position(model, info: dict, train_length: int, multiples: Iterab
         length = train_length * multiple
         if documents is None:
             task = make_task("lm_stream", vocab_size=model.config.vocab_size, seq_len=length)
-            batches = [task.batch(min(batch_size, num_examples - start), seed=seed * 1_000_003 + start)["input_ids"]
+            batches = [task.batch(min(batch_size, num_examples - start), seed=batch_seed(seed, start))["input_ids"]
                        for start in range(0, num_examples, batch_size)]
         else:
             long_enough = [ids[:length] for ids in documents if len(ids) >= length][:num_examples]
@@ -498,7 +504,14 @@ def write_outputs(rows: list[dict], curves: dict[str, list[float]], out_dir: str
 
 def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "outputs/eval", size: str = "tiny",
              text: str | None = None, level: str = "auto", **kwargs) -> dict[str, Path]:
-    """`hybridzoo eval` as a function: evaluate every model spec and write the combined outputs.
+    """`hybridzoo eval` as a function: evaluate every model spec (`eval_rows`) and write the combined outputs."""
+    rows, curves = eval_rows(models, suite, size, text, level, **kwargs)
+    return write_outputs(rows, curves, out_dir, kwargs.get("train_length", 256), title=f"hybridzoo eval ({suite})")
+
+
+def eval_rows(models: list[str], suite: str = "retrieval", size: str = "tiny", text: str | None = None,
+              level: str = "auto", **kwargs) -> tuple[list[dict], dict[str, list[float]]]:
+    """The rows and loss-by-position curves of every model spec on `suite` (`evaluate_model`'s keyword arguments).
 
     Each model gets what fits what it was trained on (`trained_on`): token-level tasks for a model trained on a task
     by a recipe, text-level tasks for a model saved with a real tokenizer (`level="auto"`); `level="token"` or
@@ -529,7 +542,7 @@ def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "output
                                                   trained=trained, architecture=architecture, **kwargs)
         rows += model_rows
         curves.update(model_curves)
-    return write_outputs(rows, curves, out_dir, kwargs.get("train_length", 256), title=f"hybridzoo eval ({suite})")
+    return rows, curves
 
 
 def add_arguments(parser) -> None:
