@@ -33,7 +33,6 @@ from hybridzoo.evaluation.harness import (
 from hybridzoo.modeling import HybridForCausalLM
 from hybridzoo.modeling.blocks import BLOCK_CLASSES
 from hybridzoo.recipes.data import prepare_data
-from hybridzoo.recipes.distill import describe_blocks
 from hybridzoo.recipes.recipe import Recipe, load_recipe
 from hybridzoo.recipes.trainer import compute_loss
 
@@ -161,7 +160,8 @@ def report_markdown(recipe: Recipe, report: dict, folders: dict[str, Path]) -> s
     block_types, replaced = report.get("student_block_types"), report.get("replaced_layers")
     if block_types and replaced:
         layout = "".join(BLOCK_CLASSES[block].pattern_letter for block in block_types)
-        student = f"student (`{layout}`) replaces attention layers {list(replaced)} by {describe_blocks(replaced)}"
+        kinds = " and ".join(f"`{kind}`" for kind in sorted(set(replaced.values())))
+        student = f"student (`{layout}`) replaces attention layers {list(replaced)} by {kinds} blocks"
     else:
         student = "student replaces attention layers by recurrent ones"
     lines = ["## Distillation", "",
