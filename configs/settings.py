@@ -291,7 +291,7 @@ def format_value(value: Any) -> str:
         return ":".join(map(format_value, value))
     if isinstance(value, list):
         return " ".join(map(format_value, value)) if value else "none"
-    return str(value) if value != "" else "''"
+    return str(value) if value == str(value).strip() and value != "" else repr(value)
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:
@@ -364,20 +364,27 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         if not f.init:
             continue
         kind, is_list = _command_line_form(hints[f.name])
-        default = default_of(f)
+        default, choices = default_of(f), f.metadata.get("choices")
+        options: dict[str, Any] = {}
+        if kind is bool and not is_list:
+            options["action"] = "store_false" if default is True else "store_true"
+        else:
+            options["type"] = kind
+            if choices:
+                options["choices"] = choices
+            if f.metadata.get("metavar"):
+                options["metavar"] = f.metadata["metavar"]
+            elif not f.metadata.get("positional") and (not choices or len(",".join(map(str, choices))) > 40):
+                options["metavar"] = flag_of(f).lstrip("-").replace("-", "_").upper()  # `--examples N`: its flag
         text = help_of(cls, f)
+        if choices and "metavar" in options:  # a long list of choices goes in the help, not in every usage line
+            text += f"; one of {', '.join(map(str, choices))}"
         if default is not MISSING and "(default" not in text:
             text = f"{text} (default: {format_value(default)})".strip()
-        options: dict[str, Any] = {"help": text.replace("%", "%%")}
-        if kind is bool and not is_list:
-            action = "store_false" if default is True else "store_true"
-            parser.add_argument(flag_of(f), dest=f.name, action=action, **options)
+        options["help"] = text.replace("%", "%%")  # argparse formats help with %
+        if "action" in options:
+            parser.add_argument(flag_of(f), dest=f.name, **options)
             continue
-        options["type"] = kind
-        if f.metadata.get("choices"):
-            options["choices"] = f.metadata["choices"]
-        if f.metadata.get("metavar"):
-            options["metavar"] = f.metadata["metavar"]
         if f.metadata.get("positional"):
             if is_list:
                 options["nargs"] = "+" if default is MISSING else "*"

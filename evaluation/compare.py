@@ -31,8 +31,8 @@ DEFAULT_OUTPUT_DIR = "outputs/compare"
 class CompareSettings:
     """What `hybridzoo compare` takes (its options are generated from these fields), `run_compare` too."""
 
-    architectures: list[str] = setting(["transformer", "gated-deltanet", "lstm"], "zoo architectures trained: any of "
-                                       f"{', '.join(ARCHITECTURES)}", choices=tuple(ARCHITECTURES), metavar="ARCH")
+    architectures: list[str] = setting(["transformer", "gated-deltanet", "lstm"], "zoo architectures trained",
+                                       choices=tuple(ARCHITECTURES))
     task: str = setting("mqar", "the synthetic task", choices=("mqar", "forgetting_mqar"))
     train_slices: list[tuple[int, int]] = setting([(64, 8)], "training slices seq_len:num_kv_pairs (Zoology grid: "
                                                   "64:4 128:8 256:16 512:64)", flag="--slices", metavar="T:KV")

@@ -395,8 +395,7 @@ def convert_checkpoint(settings: ConvertSettings) -> Path:
     """Convert a transformers checkpoint (local folder or Hub repo id) into a hybridzoo model folder at `out_dir`.
 
     Raises `UnsupportedCheckpoint` for configs hybridzoo cannot reproduce exactly and `ConversionError` listing every
-    unmapped, missing or misshapen key; in both cases nothing is written. Returns the output folder. Takes a
-    `ConvertSettings` or its fields as arguments: `convert_checkpoint(source, out_dir, overwrite=True)`.
+    unmapped, missing or misshapen key; in both cases nothing is written. Returns the output folder.
     """
     source, overwrite = settings.source, settings.overwrite
     out = Path(settings.out_dir)
@@ -468,8 +467,7 @@ def export_checkpoint(settings: ExportSettings) -> Path:
     """Write a hybridzoo model folder as a native transformers checkpoint (`target`: "llama" or "qwen3_next").
 
     Raises `UnsupportedCheckpoint` naming every config field that does not fit the target class. The export is the
-    conversion's inverse: converting the result back gives bit-identical weights. Takes an `ExportSettings` or its
-    fields as arguments: `export_checkpoint(model_dir, out_dir, "qwen3_next")`.
+    conversion's inverse: converting the result back gives bit-identical weights.
     """
     overwrite = settings.overwrite
     checkpoint_map = CHECKPOINT_MAPS[EXPORT_TARGETS[settings.target]]

@@ -104,7 +104,7 @@ def test_help_shows_every_field_with_its_default():
     text = " ".join(toy_parser().format_help().split())
     for expected in ("source where from", "--steps STEPS optimizer steps (default: 10)",
                      "learning rate: 100% of it (default: 0.001)", "--mode {fast,careful} how (default: fast)",
-                     "model widths (default: 64 128)", "--grid SLICES [SLICES ...] seq_len:kv pairs (default: 64:8)",
+                     "model widths (default: 64 128)", "--grid GRID [GRID ...] seq_len:kv pairs (default: 64:8)",
                      "a note (default: none)", "--verbose say more (default: off)",
                      "--no-plot draw the plot (default: on)", "names (default: none)"):
         assert expected in text
