@@ -72,6 +72,87 @@ class QuasiDeerLSTM:
         return new, jac
 
 
+class QuasiDeerSLSTM:
+    """The sLSTM cell (exponential gating, stabiliser `m`, per-head dense `R`) for quasi-DEER: the exact step, but the
+    Newton linearisation keeps only the diagonal of the full Jacobian over the state `[c | n | m | h]` (one channel per
+    entry, `block = 1`): dc/dc = dn/dn = the stabilised forget gate, dm/dm = 1 where the forget branch of the max wins,
+    dh/dh through the diagonal of each head's `R`. The cross terms (c, n, m -> h, h -> c, n) are dropped. A zero `m`
+    at t = 0 gives the same `h` as the reference's `-inf` (h = c / n is invariant to `m`). Forward only."""
+
+    block = 1
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def state_shape(self, inputs: torch.Tensor) -> tuple[int, ...]:
+        return (4 * inputs.shape[-1],)
+
+    def step(self, state, inputs, params, jacobian):
+        (weight,) = params  # [H, d, 4d]: a head's h -> its i, f, z, o
+        heads, d = self.num_heads, self.head_dim
+        c, n, m, h = state.unflatten(-1, (4, heads * d)).unbind(-2)
+        recurrent = torch.einsum("...hd,hdk->...hk", h.unflatten(-1, (heads, d)), weight)  # [..., H, 4d]
+        recurrent = recurrent.unflatten(-1, (4, d)).transpose(-3, -2).flatten(-2)  # [..., 4, H*d]
+        i_pre, f_pre, z_pre, o_pre = (inputs + recurrent).unbind(-2)
+        log_f_plus_m = torch.nn.functional.logsigmoid(f_pre) + m
+        m_new = torch.maximum(log_f_plus_m, i_pre)
+        input_gate, forget = torch.exp(i_pre - m_new), torch.exp(log_f_plus_m - m_new)
+        tanh_z, out_gate = torch.tanh(z_pre), torch.sigmoid(o_pre)
+        c_new = forget * c + input_gate * tanh_z
+        n_new = forget * n + input_gate
+        ratio = c_new / n_new
+        new = torch.cat([c_new, n_new, m_new, out_gate * ratio], dim=-1)
+        if not jacobian:
+            return new, None
+        diagonal = torch.diagonal(weight.view(heads, d, 4, d), dim1=1, dim2=3)  # [H, 4, d]: R's own-unit entries
+        r_i, r_f, r_z, r_o = diagonal.transpose(0, 1).flatten(-2).unbind(0)  # [H*d] each
+        # d(c/n) through each gate, m held fixed (h does not depend on m)
+        d_i = input_gate * (tanh_z - ratio) / n_new
+        d_f = forget * torch.sigmoid(-f_pre) * (c - ratio * n) / n_new
+        d_z = input_gate * (1 - tanh_z * tanh_z) / n_new
+        dh_dh = out_gate * (d_i * r_i + d_f * r_f + d_z * r_z) + out_gate * (1 - out_gate) * ratio * r_o
+        dm_dm = (log_f_plus_m >= i_pre).to(state.dtype)
+        return new, torch.cat([forget, forget, dm_dm, dh_dh], dim=-1)
+
+
+def quasi_deer_slstm(args, lengths) -> list[list[str]]:
+    """Forward (no grad) of the sLSTM by quasi-DEER vs its sequential loop (`slstm_recurrence`); iterations vs T."""
+    from hybridzoo.modeling.ops_slstm import slstm_recurrence
+
+    rows = []
+    batch, heads, head_dim = (2, 2, 16) if args.quick else (8, 4, 64)
+    width = heads * head_dim
+    # the block's initialisation (R ~ normal(0, 0.02), forget bias linspace(3, 6) per head) and a trained-like R
+    # (normal(0, 1/sqrt(d)), comparable to the input weights) with the same biases
+    forget_bias = torch.linspace(3.0, 6.0, head_dim).repeat(heads)
+    for label, std in (("init R", 0.02), ("R ~ 1/sqrt(d)", 1 / math.sqrt(head_dim))):
+        weight = std * torch.randn(heads, head_dim, 4 * head_dim, generator=torch.Generator().manual_seed(0))
+        for length in lengths:
+            gates = torch.randn(batch, length, 4, heads, head_dim, generator=torch.Generator().manual_seed(length))
+            gates[:, :, 1] += forget_bias.view(heads, head_dim)
+            flat = gates.flatten(-2)  # [B, T, 4, H*d]
+            stats = NewtonStats()
+            cell = QuasiDeerSLSTM(heads, head_dim)
+
+            def newton(stats=stats, flat=flat, cell=cell, length=length, weight=weight):
+                return newton_recurrence(cell, flat, (weight,), max_iter=length, stats=stats)[0]
+
+            calls = {
+                "quasi-DEER": newton,
+                "slstm loop": lambda gates=gates, weight=weight: slstm_recurrence(gates, weight),
+            }
+            with torch.no_grad():
+                reference = slstm_recurrence(gates, weight)[0].flatten(-2)
+                error = float((newton()[..., 3 * width :] - reference).abs().max())
+                seconds = best_of(calls, args.repeats or (1 if args.quick else 2), args.clock)
+            rows.append(
+                [f"slstm {label} B={batch} H={width} ({heads} heads) T={length}", str(stats.iterations), f"{error:.1e}"]
+                + [f"{batch * length / s:,.0f}" for s in seconds.values()]
+            )
+            print(rows[-1], flush=True)
+    return rows
+
+
 def quasi_deer_lstm(args, lengths) -> list[list[str]]:
     """Forward (no grad) of the classic LSTM by quasi-DEER vs its sequential loop and nn.LSTM; iterations vs T."""
     from hybridzoo.modeling.ops_lstm import lstm_loop
@@ -207,7 +288,17 @@ def main(argv: list[str] | None = None) -> None:
             deer_rows,
         )
     )
-    write_json(args.json, {"machine": info, "results": results, "quasi_deer_lstm": deer_rows})
+    print("\nquasi-DEER for the `slstm` cell (diagonal of the full Jacobian over [c, n, m, h]), forward only:\n")
+    slstm_rows = quasi_deer_slstm(args, lengths[:2])  # hundreds of iterations: the two shortest lengths suffice
+    print(
+        markdown_table(
+            ["case", "iterations", "max |h - slstm loop|", "quasi-DEER tok/s", "slstm loop tok/s"], slstm_rows
+        )
+    )
+    write_json(
+        args.json,
+        {"machine": info, "results": results, "quasi_deer_lstm": deer_rows, "quasi_deer_slstm": slstm_rows},
+    )
 
     target_length = 4096 if 4096 in lengths else lengths[-1]
     for r in results:

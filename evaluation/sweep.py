@@ -231,7 +231,8 @@ def train_and_test(spec: SweepSpec, cell: Cell, progress: bool = True) -> list[d
         rows += make_rows(info, spec.task, fields["length"], cell.seed, metrics, num_kv_pairs=fields["num_kv_pairs"],
                           lr=cell.lr, cell=cell.key, chance=chance_accuracy(task),
                           train_seconds=model.training_log["seconds"], train_steps=spec.steps,
-                          final_train_loss=model.training_log["final_loss"])
+                          final_train_loss=model.training_log["final_loss"],
+                          **{k: v for k, v in model.training_log.items() if k.startswith("newton_")})
     return rows
 
 

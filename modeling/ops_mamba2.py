@@ -211,7 +211,8 @@ def chunk_ssd(
         t = t.to(dtype)
         if pad:
             t = F.pad(t, (0, 0, 0, 0, 0, pad))
-        return t.reshape(batch, num_chunks, chunk, groups, d_state).transpose(2, 3)
+        # contiguous once here: with G > 1 the transposed view would be copied again by every matmul that reads it
+        return t.reshape(batch, num_chunks, chunk, groups, d_state).transpose(2, 3).contiguous()
 
     B, C = by_group(B), by_group(C)
 
@@ -245,7 +246,7 @@ def _chunk_forward(u, gam, B, C, state, causal, first_doc, last_doc, keep: bool)
     L = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp_()
     CB = torch.matmul(C, B.mT)  # [b, c, G, Q, Q]
     scores = CB.unsqueeze(3) * L  # [b, c, G, R, Q, Q]
-    u_by_head = u.transpose(3, 4)  # [b, c, G, R, Q, P]
+    u_by_head = u.transpose(3, 4).contiguous()  # [b, c, G, R, Q, P], copied once and kept for the backward
     y = torch.matmul(scores, u_by_head).transpose(3, 4)  # [b, c, G, Q, R, P]
 
     # what each chunk writes into the state, and how much of the entering state survives each position
@@ -256,7 +257,8 @@ def _chunk_forward(u, gam, B, C, state, causal, first_doc, last_doc, keep: bool)
         decay_out = decay_out * last_doc
     carry = decay_in[..., -1]  # [b, c, G, R]
     decay_in_t, decay_out_t = decay_in.transpose(-1, -2)[..., None], decay_out.transpose(-1, -2)[..., None]
-    written = torch.matmul(B.mT, (u * decay_out_t).flatten(-2))  # [b, c, G, N, R*P]
+    u_weighted = (u * decay_out_t).flatten(-2)  # what each token writes, decayed to the chunk end
+    written = torch.matmul(B.mT, u_weighted)  # [b, c, G, N, R*P]
 
     # the sequential part: the state entering every chunk
     carry_b = carry[:, :, :, None, :, None]
@@ -275,12 +277,12 @@ def _chunk_forward(u, gam, B, C, state, causal, first_doc, last_doc, keep: bool)
     # inter-chunk: exp(gam_i) f_i S C_i
     CS = torch.matmul(C, entering.flatten(-2)).view(batch, num_chunks, groups, chunk, per_group, head_dim)
     y = torch.addcmul(y, CS, decay_in_t)
-    return y, state, (u, B, C, L, CB, scores, decay_in, decay_out, carry, entering, CS)
+    return y, state, (u, u_by_head, u_weighted, B, C, L, CB, scores, decay_in, decay_out, carry, entering, CS)
 
 
 def _chunk_backward(dy, dfinal, saved):
     """Gradients of `_chunk_forward` w.r.t. u, gam, B, C and the initial state (derivation beside the forward)."""
-    u, B, C, L, CB, scores, decay_in, decay_out, carry, entering, CS = saved
+    u, u_by_head, u_weighted, B, C, L, CB, scores, decay_in, decay_out, carry, entering, CS = saved
     batch, num_chunks, groups, chunk, per_group, head_dim = u.shape
     decay_in_t, decay_out_t = decay_in.transpose(-1, -2)[..., None], decay_out.transpose(-1, -2)[..., None]
     # y_off = CS * decay_in, CS = C entering
@@ -300,12 +302,11 @@ def _chunk_backward(dy, dfinal, saved):
     # written = B^T (u * decay_out)
     d_written = d_written.flatten(-2)
     d_weighted = torch.matmul(B, d_written).view_as(u)
-    dB = torch.matmul((u * decay_out_t).flatten(-2), d_written.mT)
+    dB = torch.matmul(u_weighted, d_written.mT)
     du = d_weighted * decay_out_t
     d_decay_out = (d_weighted * u).sum(-1).transpose(-1, -2)  # [b, c, G, R, Q]
     # y_diag = (CB * L) u
-    dy_by_head = dy.transpose(3, 4)
-    u_by_head = u.transpose(3, 4)
+    dy_by_head = dy.transpose(3, 4).contiguous()  # read by two matmuls: one copy instead of two
     d_scores = torch.matmul(dy_by_head, u_by_head.mT)  # [b, c, G, R, Q, Q]
     du += torch.matmul(scores.mT, dy_by_head).transpose(3, 4)
     dCB = (d_scores * L).sum(3)
