@@ -420,8 +420,16 @@ def add_command(parser: argparse.ArgumentParser, cls: type, run: Callable[[Any],
 
 
 class SettingsParser(argparse.ArgumentParser):
-    """argparse with "did you mean" for a mistyped flag (Python 3.11's argparse only says "unrecognized
-    arguments"). Subcommand parsers made by `add_subparsers` are of the same class, so each checks its own flags."""
+    """argparse with "did you mean" for a mistyped flag or choice (Python 3.11's argparse only says "unrecognized
+    arguments" or lists the choices). Subcommand parsers made by `add_subparsers` are of the same class, so each
+    checks its own flags."""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:  # argparse's hook for `choices`
+        if action.choices is not None and value not in action.choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices], n=1)
+            if close:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r}; did you mean {close[0]!r}?")
+        super()._check_value(action, value)
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)

@@ -87,7 +87,8 @@ def test_command_line_values_are_parsed_by_type():
         (["src", "--grdi=16:2"], "unrecognized argument --grdi=16:2; did you mean --grid?"),
         (["src", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
         (["src", "--grid", "16-2"], "argument --grid: write 2 values (int, int) joined by ':', e.g. 64:8; got '16-2'"),
-        (["src", "--mode", "quick"], "argument --mode: invalid choice: 'quick'"),
+        (["src", "--mode", "quick"], "argument --mode: invalid choice: 'quick' (choose from 'fast', 'careful')"),
+        (["src", "--mode", "carefull"], "argument --mode: invalid choice: 'carefull'; did you mean 'careful'?"),
         (["src", "--steps", "0"], "--steps: use at least 1, got 0."),
     ],
 )
@@ -233,6 +234,12 @@ def test_a_mistyped_flag_gets_did_you_mean(name, capsys):
             build_parser(name).parse_args([*minimal_argv(name, cls), mistyped(flag)])
         assert exit.value.code == 2
         assert f"unrecognized argument {mistyped(flag)}; did you mean {flag}?" in capsys.readouterr().err
+
+
+def test_a_mistyped_command_gets_did_you_mean(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["comapre"])
+    assert "invalid choice: 'comapre'; did you mean 'compare'?" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
