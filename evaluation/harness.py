@@ -531,21 +531,31 @@ class EvalSettings:
 
 @takes_settings(EvalSettings)
 def run_eval(settings: EvalSettings) -> dict[str, Path]:
-    """`hybridzoo eval` as a function: evaluate every model spec and write the combined outputs. Takes an
-    `EvalSettings` or its fields as arguments: `run_eval(["outputs/run"], suite="all", num_examples=20)`.
+    """`hybridzoo eval` as a function: evaluate every model spec (`eval_rows`) and write the combined outputs. Takes
+    an `EvalSettings` or its fields as arguments: `run_eval(["outputs/run"], suite="all", num_examples=20)`."""
+    rows, curves = eval_rows(settings.models, settings.suite, settings.size, settings.text, settings.level,
+                             lengths=settings.lengths, num_examples=settings.num_examples, seed=settings.seed,
+                             batch_size=settings.batch_size, train_length=settings.train_length,
+                             decode_lengths=settings.decode_lengths, decode_tokens=settings.decode_tokens,
+                             depths=settings.depths)
+    return write_outputs(rows, curves, settings.out_dir, settings.train_length,
+                         title=f"hybridzoo eval ({settings.suite})")
+
+
+def eval_rows(models: list[str], suite: str = "retrieval", size: str = "tiny", text: str | None = None,
+              level: str = "auto", **kwargs) -> tuple[list[dict], dict[str, list[float]]]:
+    """The rows and loss-by-position curves of every model spec on `suite` (`evaluate_model`'s keyword arguments).
 
     Each model gets what fits what it was trained on (`trained_on`): token-level tasks for a model trained on a task
     by a recipe, text-level tasks for a model saved with a real tokenizer (`level="auto"`); `level="token"` or
     `"text"` forces one. `text`: a text source (`stdlib`, a file or folder, a `datasets` name) for loss by position,
     read with each saved model's own tokenizer. Rows name their model (the folder name, or the zoo name).
     """
-    text, level = settings.text, settings.level
-    measure = dict(lengths=settings.lengths, num_examples=settings.num_examples, seed=settings.seed,
-                   batch_size=settings.batch_size, train_length=settings.train_length,
-                   decode_lengths=settings.decode_lengths, decode_tokens=settings.decode_tokens, depths=settings.depths)
+    if level not in ("auto", "token", "text"):
+        raise ValueError(f"level must be 'auto', 'token' or 'text', got {level!r}")
     rows, curves = [], {}
-    for spec in settings.models:
-        model, label = load_model(spec, size=settings.size)
+    for spec in models:
+        model, label = load_model(spec, size=size)
         trained = trained_on(spec)
         model_level = level if level != "auto" else ("text" if trained and trained["kind"] == "text" else "token")
         tokenizer = documents = None
@@ -561,13 +571,11 @@ def run_eval(settings: EvalSettings) -> dict[str, Path]:
         if level == "token" and trained and trained["kind"] == "text":
             trained = None  # forced: run the token-level tasks anyway
         architecture = (saved_recipe(Path(spec)).get("model") or {}).get("zoo") if Path(spec).is_dir() else None
-        model_rows, model_curves = evaluate_model(model, label, settings.suite, text_documents=documents,
-                                                  tokenizer=tokenizer, trained=trained, architecture=architecture,
-                                                  **measure)
+        model_rows, model_curves = evaluate_model(model, label, suite, text_documents=documents, tokenizer=tokenizer,
+                                                  trained=trained, architecture=architecture, **kwargs)
         rows += model_rows
         curves.update(model_curves)
-    return write_outputs(rows, curves, settings.out_dir, settings.train_length,
-                         title=f"hybridzoo eval ({settings.suite})")
+    return rows, curves
 
 
 def add_arguments(parser) -> None:
