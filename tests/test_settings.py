@@ -299,3 +299,25 @@ def test_no_option_is_typed_by_hand():
                 if isinstance(node, ast.Attribute) and node.attr in ("add_argument", "add_mutually_exclusive_group"):
                     callers.append(str(path.relative_to(ROOT)))
     assert sorted(set(callers)) == ["configs/settings.py"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"step": 3}, "my.yaml: `step` is not a sweep field; did you mean `steps`?"),
+        ({"steps": "ten"}, "my.yaml: steps: expected int, got 'ten' (str)."),
+        ({"models": [{"name": "a", "zoo": "lstm", "overides": {}}]},
+         "unknown key `overides`; did you mean `overrides`?"),
+        ({"models": [{"name": "a", "zoo": "lstm", "d_models": 16}]},
+         "my.yaml: models: a: d_models: expected list[int]"),
+    ],
+)
+def test_a_sweep_file_is_checked_like_the_settings(change, expected):
+    from hybridzoo.evaluation.sweep import sweep_from_dict
+
+    sweep = {"name": "x", "task": "mqar", "train": [{"seq_len": 16, "num_kv_pairs": 2}],
+             "test": [{"seq_len": 16, "num_kv_pairs": 2}], "models": ["transformer"], "d_models": [16],
+             "learning_rates": [1e-3], "steps": 3}
+    with pytest.raises(ValueError) as error:
+        sweep_from_dict({**sweep, **change}, "my.yaml")
+    assert expected in str(error.value)
