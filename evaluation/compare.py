@@ -50,7 +50,8 @@ class CompareSettings:
     test_examples: int = setting(500, "test examples per slice", check=at_least(1))
     seed: int = setting(0, "seed of the data stream and the initialisation")
     threads: int | None = setting(None, "torch intra-op threads (default: torch's)", check=at_least(1))
-    output_dir: str | None = setting(None, f"default: {DEFAULT_OUTPUT_DIR}, or outputs/sweeps/NAME with --sweep")
+    output_dir: str | None = setting(None, f"where the results go (default: {DEFAULT_OUTPUT_DIR}, or "
+                                     "outputs/sweeps/NAME with --sweep)")
     sweep: str | None = setting(None, "run a sweep given as data instead: a built-in name (zoology, zoology-cpu, "
                                 "parity-neg-eigval, ...) or a YAML file (see evaluation/sweep.py); models x widths x "
                                 "learning rates, best learning rate per cell, resumable from --output-dir; the other "
