@@ -53,9 +53,9 @@ class CompareSettings:
     output_dir: str | None = setting(None, f"where the results go (default: {DEFAULT_OUTPUT_DIR}, or "
                                      "outputs/sweeps/NAME with --sweep)")
     sweep: str | None = setting(None, "run a sweep given as data instead: a built-in name (zoology, zoology-cpu, "
-                                "parity-neg-eigval, ...) or a YAML file (see evaluation/sweep.py); models x widths x "
-                                "learning rates, best learning rate per cell, resumable from --output-dir; the other "
-                                "options are ignored")
+                                "parity-neg-eigval, ...) or a YAML file (format: sweep.py's docstring); models x "
+                                "widths x learning rates, best learning rate per cell, resumable from --output-dir; "
+                                "the other options are ignored")
     restart: bool = setting(False, "with --sweep: start over in an output folder that holds another sweep's cells "
                             "(kept as cells.jsonl.bak)")
     summary_only: bool = setting(False, "with --sweep: train nothing; rewrite the table, JSON and plot from the cells "
