@@ -321,3 +321,14 @@ def test_a_sweep_file_is_checked_like_the_settings(change, expected):
     with pytest.raises(ValueError) as error:
         sweep_from_dict({**sweep, **change}, "my.yaml")
     assert expected in str(error.value)
+
+
+def test_the_local_hub_server_options_come_from_its_settings(capsys):
+    from hybridzoo.testing.local_hub import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--rot", "hub"])
+    assert exit.value.code == 2 and "did you mean --root?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--port PORT port (0: any free port) (default: 0)" in " ".join(capsys.readouterr().out.split())
