@@ -31,6 +31,7 @@ import functools
 import inspect
 import io
 import json
+import sys
 import textwrap
 import tokenize
 import types
@@ -432,15 +433,31 @@ class SettingsParser(argparse.ArgumentParser):
         super()._check_value(action, value)
 
     def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)  # for `error`, which argparse calls mid-parse
         namespace, extras = super().parse_known_args(args, namespace)
         for extra in extras:
-            flag = extra.split("=", 1)[0]
-            if flag.startswith("-") and len(flag) > 1 and not _is_number(flag):
-                known = [s for s in self._option_string_actions if s.startswith("--")]
-                close = difflib.get_close_matches(flag, known, n=1)
-                self.error(f"unrecognized argument {extra}; "
-                           + (f"did you mean {close[0]}?" if close else f"the options are {', '.join(known)}."))
+            if self._is_unknown_flag(extra):
+                self.error(f"unrecognized argument {extra}; {self._suggestion(extra)}")
         return namespace, extras
+
+    def error(self, message: str):  # noqa: ANN201 - never returns
+        """argparse's error (usage, message, exit 2); when a required argument is "missing" because its flag was
+        mistyped, the mistyped flag is named with its suggestion."""
+        unknown = [arg for arg in getattr(self, "_given", []) if self._is_unknown_flag(arg)]
+        if unknown and message.startswith("the following arguments are required"):
+            message += f" (unrecognized argument {unknown[0]}: {self._suggestion(unknown[0])})"
+        super().error(message)
+
+    def _is_unknown_flag(self, arg: str) -> bool:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("-") or len(flag) < 2 or _is_number(flag) or flag == "--":
+            return False
+        return not any(option.startswith(flag) for option in self._option_string_actions)  # argparse takes prefixes
+
+    def _suggestion(self, arg: str) -> str:
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
+        return f"did you mean {close[0]}?" if close else f"the options are {', '.join(known)}."
 
 
 def _is_number(text: str) -> bool:

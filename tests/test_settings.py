@@ -236,6 +236,13 @@ def test_a_mistyped_flag_gets_did_you_mean(name, capsys):
         assert f"unrecognized argument {mistyped(flag)}; did you mean {flag}?" in capsys.readouterr().err
 
 
+def test_a_mistyped_required_flag_gets_did_you_mean(capsys):
+    with pytest.raises(SystemExit):
+        build_parser("push").parse_args(["push", "folder", "--repo_id", "me/model"])
+    assert ("the following arguments are required: --repo-id (unrecognized argument --repo_id: did you mean "
+            "--repo-id?)") in capsys.readouterr().err
+
+
 def test_a_mistyped_command_gets_did_you_mean(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["comapre"])
