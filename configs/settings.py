@@ -17,8 +17,8 @@ From that one declaration:
 
 A field's help is `setting(help=...)`, else the comment at the end of its line in the class, so plain dataclasses
 such as the recipe sections document themselves with comments. `SettingsParser` adds "did you mean" to a mistyped
-flag, which argparse (Python 3.11) does not. This module imports only the standard library: `hybridzoo --help`
-imports it.
+flag, choice or subcommand, which argparse (Python 3.11) does not. This module imports only the standard library:
+`hybridzoo --help` imports it.
 """
 
 from __future__ import annotations
