@@ -187,17 +187,18 @@ def two_layer_pattern(name: str) -> str:
     return pattern[0] + pattern[-1]
 
 
-def task_model_config(architecture: str, d_model: int, vocab_size: int, num_heads: int = 2, num_layers: int = 2,
-                      longest: int = 2048, **overrides) -> HybridConfig:
-    """Zoology's model for synthetic tasks: `num_layers` layers of `architecture` at width `d_model`, no MLP,
-    `num_heads` heads (Zoology's trade-off sweep: 2), positions up to `longest`; `overrides` are further `HybridConfig`
-    fields (e.g. `linear_allow_neg_eigval=True`, or `block_pattern="X"` for an all-sLSTM model)."""
+def task_model_fields(architecture: str, d_model: int, vocab_size: int, num_heads: int = 2, num_layers: int = 2,
+                      longest: int = 2048, **overrides) -> dict:
+    """Zoology's model for synthetic tasks as `HybridConfig` fields over the "tiny" size of `architecture` (what a
+    recipe's `model.overrides` holds): `num_layers` layers at width `d_model`, no MLP, `num_heads` heads (Zoology's
+    trade-off sweep: 2), positions up to `longest`; `overrides` are further fields (e.g.
+    `linear_allow_neg_eigval=True`, or `block_pattern="X"` for an all-sLSTM model)."""
     fields = dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=num_layers, intermediate_size=0,
                   num_attention_heads=num_heads, num_key_value_heads=num_heads,
                   max_position_embeddings=max(2048, longest))
     if num_layers == 2 and "block_pattern" not in overrides and "block_types" not in overrides:
         fields["block_pattern"] = two_layer_pattern(architecture)  # a hybrid keeps one layer of each of its kinds
-    return zoo_config(architecture, "tiny", **{**fields, **overrides})
+    return {**fields, **overrides}
 
 
 def layout(name: str, depth: int) -> list[str]:

@@ -37,6 +37,13 @@ import torch
 IGNORE = -100  # label of unscored positions (torch cross-entropy's default ignore_index)
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of batch `index` of the stream seeded `seed` (the one rule every training and scoring loop uses): the
+    same (seed, index) is the same batch everywhere, and streams of nearby seeds do not overlap for a million
+    batches. `index` counts batches (training) or examples (scoring: the batch's first example)."""
+    return seed * 1_000_003 + index
+
+
 def _rng(seed: int) -> np.random.Generator:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -756,5 +763,5 @@ def chance_accuracy(task) -> float:
     return 0.0
 
 
-__all__ = ["IGNORE", "MQAR_EXTRAPOLATION_SLICES", "MQAR_STANDARD_SLICES", "TASKS", "Spelled", "chance_accuracy",
-           "make_task", "power_law_gap_probs", "render_text", "task_params", "word_vocabulary"]
+__all__ = ["IGNORE", "MQAR_EXTRAPOLATION_SLICES", "MQAR_STANDARD_SLICES", "TASKS", "Spelled", "batch_seed",
+           "chance_accuracy", "make_task", "power_law_gap_probs", "render_text", "task_params", "word_vocabulary"]

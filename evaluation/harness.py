@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 from hybridzoo.configs.settings import add_command, at_least, setting, takes_settings
 from hybridzoo.configs.zoo import ARCHITECTURES, describe, zoo_config
 from hybridzoo.data.documents import read_documents, split_documents
-from hybridzoo.data.tasks import MQAR_EXTRAPOLATION_SLICES, MQAR_STANDARD_SLICES, WordVocabulary, make_task
+from hybridzoo.data.tasks import (
+    MQAR_EXTRAPOLATION_SLICES,
+    MQAR_STANDARD_SLICES,
+    WordVocabulary,
+    batch_seed,
+    make_task,
+)
 from hybridzoo.modeling import CACHE_NAME, HybridForCausalLM
 
 from . import plots
@@ -165,7 +171,7 @@ def run_forgetting(model, info: dict, lengths: list[int], num_examples: int, see
         updated, untouched = Accumulator(), Accumulator()
         for start in range(0, num_examples, batch_size):
             size = min(batch_size, num_examples - start)
-            batch = task.batch(size, seed=seed * 1_000_003 + start)
+            batch = task.batch(size, seed=batch_seed(seed, start))
             for accumulator, keep in ((updated, batch["updated"]), (untouched, ~batch["updated"])):
                 masked = dict(batch, labels=batch["labels"].masked_fill(~keep, -100))
                 accumulator.add(score_batch(model, masked))
@@ -294,7 +300,7 @@ def run_loss_by_position(model, info: dict, train_length: int, multiples: Iterab
         length = train_length * multiple
         if documents is None:
             task = make_task("lm_stream", vocab_size=model.config.vocab_size, seq_len=length)
-            batches = [task.batch(min(batch_size, num_examples - start), seed=seed * 1_000_003 + start)["input_ids"]
+            batches = [task.batch(min(batch_size, num_examples - start), seed=batch_seed(seed, start))["input_ids"]
                        for start in range(0, num_examples, batch_size)]
         else:
             long_enough = [ids[:length] for ids in documents if len(ids) >= length][:num_examples]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridzoo.data.tasks import IGNORE
+from hybridzoo.data.tasks import IGNORE, batch_seed
 
 Z_95 = 1.959963984540054  # the 97.5% standard normal quantile
 
@@ -112,6 +112,6 @@ def evaluate_task(model, task, num_examples: int, seed: int, batch_size: int = 3
     model.eval()
     for start in range(0, num_examples, batch_size):
         size = min(batch_size, num_examples - start)
-        batch = task.batch(size, seed=seed * 1_000_003 + start)
+        batch = task.batch(size, seed=batch_seed(seed, start))
         total.add(score_batch(model, batch))
     return total.metrics()

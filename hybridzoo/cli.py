@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "turn a pretrained transformer into a Gated DeltaNet hybrid (align, then logit distillation)",
     ),
     "eval": ("hybridzoo.evaluation.harness", "run the retrieval / long-context eval suites on models"),
-    "compare": ("hybridzoo.evaluation.compare", "train zoo architectures on one synthetic task, side by side"),
+    "compare": ("hybridzoo.recipes.compare", "train zoo architectures on one synthetic task, side by side"),
     "push": ("hybridzoo.hub", "upload a saved model or adapter folder to the Hugging Face Hub"),
     "convert": (
         "hybridzoo.convert",

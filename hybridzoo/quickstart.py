@@ -105,45 +105,22 @@ def train_models(settings: QuickstartSettings, out: Path) -> dict[str, dict[str,
 
 
 def evaluate_models(settings: QuickstartSettings, folders: dict[str, dict[str, Path]], out: Path) -> dict:
-    """Retrieval suite on the MQAR models, long-context suite on the text models; one combined set of outputs."""
-    from transformers import AutoTokenizer
+    """Retrieval suite on the MQAR models, long-context suite on the text models (`hybridzoo eval`'s `eval_rows`);
+    one combined set of outputs. Rows name each model by its folder (`text-qwen3-next-style`), which is how its model
+    card finds them; each suite runs only what fits the model's training."""
+    from hybridzoo.evaluation.harness import eval_rows, markdown_table, write_outputs
 
-    from hybridzoo.evaluation.harness import (
-        evaluate_model,
-        held_out_text_documents,
-        load_model,
-        markdown_table,
-        trained_on,
-        write_outputs,
-    )
-
-    rows, curves = [], {}
-    for kind, suite in (("mqar", "retrieval"), ("text", "long-context")):
-        for name, folder in folders[kind].items():
-            _banner(f"evaluating {name} ({kind} model) on the {suite} suite")
-            model, _ = load_model(str(folder))
-            # text models: loss by position on the held-out stdlib files, in the model's own BPE
-            documents = (
-                held_out_text_documents("stdlib", AutoTokenizer.from_pretrained(folder)) if kind == "text" else None
-            )
-            # rows name the model by its folder (`text-qwen3-next-style`), which is how its model card finds them;
-            # the suite runs only what fits its training (MQAR models: the MQAR family; text models: real text)
-            model_rows, model_curves = evaluate_model(
-                model,
-                folder.name,
-                suite=suite,
-                trained=trained_on(str(folder)),
-                architecture=name,
-                lengths=[64, 128],
-                num_examples=settings.eval_examples,
-                seed=settings.seed,
-                train_length=256,
-                decode_lengths=[256, 1024, 4096],
-                decode_tokens=8,
-                text_documents=documents,
-            )
-            rows += model_rows
-            curves.update(model_curves)
+    common = dict(lengths=[64, 128], num_examples=settings.eval_examples, seed=settings.seed, train_length=256,
+                  decode_lengths=[256, 1024, 4096], decode_tokens=8)
+    _banner("evaluating the MQAR models on the retrieval suite")
+    rows, curves = eval_rows([str(folder) for folder in folders["mqar"].values()], "retrieval", **common)
+    # text models: loss by position on the held-out stdlib files in each model's own BPE, and decode cost (token
+    # level: the text-level needle tasks are left to `hybridzoo eval`)
+    _banner("evaluating the text models on the long-context suite")
+    text_rows, text_curves = eval_rows([str(folder) for folder in folders["text"].values()], "long-context",
+                                       text="stdlib", level="token", **common)
+    rows += text_rows
+    curves.update(text_curves)
     written = write_outputs(rows, curves, out / "eval", train_length=256, title="hybridzoo quickstart eval")
     headline = [r for r in rows if r["task"] in ("mqar", "text_loss", "decode_cost")]
     table = markdown_table(headline, metrics=("accuracy", "loss", "loss_beyond_train", "ms_per_token"))

@@ -166,11 +166,16 @@ class HybridModel(HybridPreTrainedModel):
         if isinstance(attention_mask, dict):  # already prepared per layer type (static-cache generation)
             layer_masks = attention_mask
         elif self.has_attention:
+            # transformers masks packed documents (position_ids restarting at 0) only when no cache is passed; a cache
+            # that holds nothing yet sizes the mask like no cache, so leave it out then and attention stays within each
+            # document, as the recurrent blocks do (a compileable cache keeps its fixed-size mask)
+            fresh_packed = reset is not None and past_seen_tokens == 0 and attention_mask is None
+            mask_cache = None if fresh_packed and not getattr(cache, "is_compileable", False) else cache
             mask_kwargs = {
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                CACHE_NAME: cache,
+                CACHE_NAME: mask_cache,
                 "position_ids": position_ids,
             }
             # `layer_idx` names the cache layer to size each mask by (left to transformers, an older release can pick a

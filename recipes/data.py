@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from hybridzoo.data.documents import read_documents, split_documents
-from hybridzoo.data.tasks import make_task
+from hybridzoo.data.tasks import TaskMixture, batch_seed, make_task
 
 # ---------------------------------------------------------------------------------------------------------------------
 # tokenizer
@@ -175,14 +175,20 @@ class TensorData:
 
 
 class TaskData:
-    """A synthetic task from the eval harness: every batch is generated from its own seed."""
+    """A synthetic task from the eval harness: every batch is generated from its own seed, batch `i` of the training
+    stream from `batch_seed(seed, i)` (the rule `hybridzoo eval` scores with too)."""
 
     def __init__(self, task, seed: int) -> None:
         self.task = task
         self.seed = seed
 
     def batch(self, position: int, batch_size: int) -> dict[str, torch.Tensor]:
-        return self._generate(batch_size, self.seed * 1_000_003 + position)
+        """Samples `position .. position + batch_size` of the stream: batch number `position // batch_size` (a
+        mixture's slices take turns batch by batch)."""
+        if position % batch_size:
+            raise ValueError(f"task data is generated batch by batch: position {position} is not a multiple of the "
+                             f"batch size {batch_size}")
+        return self._generate(batch_size, batch_seed(self.seed, position // batch_size))
 
     def fixed_batch(self, index: int, batch_size: int) -> dict[str, torch.Tensor]:
         return self._generate(batch_size, 2**31 - 1 - index)  # seeds far from the training stream
@@ -215,9 +221,17 @@ def prepare_data(recipe, log=print) -> PreparedData:
     """Read, tokenize and pack (or load from cache) the recipe's data."""
     data, seed = recipe.data, recipe.train.seed
     if data.source == "task":
-        task = make_task(data.task, **data.task_params)
+        if data.task_mixture:
+            slices = [make_task(data.task, **{**data.task_params, **{k: v for k, v in entry.items() if k != "weight"}})
+                      for entry in data.task_mixture]
+            weights = [entry.get("weight", 1) for entry in data.task_mixture]
+            task = TaskMixture([task for task, weight in zip(slices, weights, strict=True) for _ in range(weight)])
+            description = f"task {data.task}, {len(slices)} slices in turn (weights {weights})"
+        else:
+            task = make_task(data.task, **data.task_params)
+            description = f"task {data.task}"
         vocab_size = _task_vocab_size(task, data.task_params)
-        return PreparedData(TaskData(task, seed), TaskData(task, seed), None, vocab_size, f"task {data.task}")
+        return PreparedData(TaskData(task, seed), TaskData(task, seed), None, vocab_size, description)
 
     documents = read_documents(data.source, paths=data.paths, dataset=data.dataset, split=data.split,
                                text_field=data.text_field, label_field=data.label_field,

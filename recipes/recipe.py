@@ -46,6 +46,9 @@ class DataSection:
     label_field: str = "label"  # sequence classification data
     task: str | None = None  # task: a generator name in hybridzoo.data.tasks (e.g. mqar)
     task_params: dict = field(default_factory=dict)
+    # task: several slices in turn (batch i from slice i mod n), each task parameters over task_params, with an
+    # optional `weight` (the number of turns it gets), e.g. [{seq_len: 64, num_kv_pairs: 4, weight: 2}, ...]
+    task_mixture: list = field(default_factory=list)
     context_length: int = 256
     validation_fraction: float = 0.05  # of documents (files for the stdlib corpus)
     max_documents: int | None = None  # use only the first N documents (quick runs)
@@ -234,6 +237,11 @@ def validate(recipe: Recipe) -> None:
             _check(Path(path).exists(), "data.paths", f"{path!r} does not exist.")
     _check(d.source != "dataset" or bool(d.dataset), "data.dataset", "name a `datasets` dataset or local path.")
     _check(d.source != "task" or bool(d.task), "data.task", "name a task generator, e.g. data.task: mqar.")
+    _check(not d.task_mixture or d.source == "task", "data.task_mixture", "mixes task slices; set data.source: task.")
+    _check(all(isinstance(entry, dict) and type(entry.get("weight", 1)) is int and entry.get("weight", 1) >= 1
+               for entry in d.task_mixture), "data.task_mixture",
+           "list mappings of task parameters, each with an optional integer weight >= 1, e.g. "
+           "[{seq_len: 64, num_kv_pairs: 4, weight: 2}].")
     if m.head == "sequence_classification":
         _check(d.source in ("files", "dataset", "stdlib_shuffled_lines"), "data.source",
                "a classifier needs labelled data: files or dataset (with data.label_field), or stdlib_shuffled_lines.")

@@ -6,7 +6,7 @@ import pytest
 
 from hybridzoo.cli import main
 from hybridzoo.evaluation.references import beside_ours, matching_references, reference_points
-from hybridzoo.evaluation.sweep import (
+from hybridzoo.recipes.sweep import (
     CELLS_FILE,
     Cell,
     best_learning_rates,
@@ -38,7 +38,7 @@ def accuracy_row(cell: Cell, length: int, kv: int | None, value: float, n: int =
 def fake_runner(scores: dict[tuple, list[float]], calls: list[str], fail_at: int | None = None):
     """A cell runner that returns given accuracies per (model, d, lr, seed) and records what it ran."""
 
-    def run(spec, cell):
+    def run(spec, cell, folder):
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt  # the sweep is killed while training this cell
         calls.append(cell.key)
@@ -149,7 +149,7 @@ def test_sweep_cli_trains_for_real_and_writes_table_and_plot(tmp_path):
 def test_state_tracking_sweep_plots_length_generalisation(tmp_path):
     spec = load_sweep("parity-neg-eigval")
 
-    def runner(spec, cell):
+    def runner(spec, cell, folder):
         return [dict(accuracy_row(cell, t["length"], None, 0.9 if cell.model == "lstm" else 0.5), task="parity")
                 for t in spec.test]
 

@@ -100,15 +100,17 @@ def test_streaming_yields_the_generated_tokens():
     assert streamed == output[0].tolist() and streamer.ended
 
 
+@pytest.mark.parametrize("use_cache", [False, True, None])
 @pytest.mark.parametrize("pattern", ["GLSA", "DA"])
-def test_packed_documents_do_not_see_each_other(pattern):
-    """`position_ids` restarting at 0 marks a new document: every block must start it from a fresh state."""
+def test_packed_documents_do_not_see_each_other(pattern, use_cache):
+    """`position_ids` restarting at 0 marks a new document: every block must start it from a fresh state, whether
+    or not the call builds a cache (None: the config's default, True)."""
     model = _model(pattern)
     documents = [torch.randint(3, 64, (n,)) for n in (6, 4, 7)]
     packed = torch.cat(documents)[None]
     position_ids = torch.cat([torch.arange(len(d)) for d in documents])[None]
     with torch.no_grad():
-        logits = model(packed, position_ids=position_ids, use_cache=False).logits[0]
+        logits = model(packed, position_ids=position_ids, use_cache=use_cache).logits[0]
         alone = torch.cat([model(d[None], use_cache=False).logits[0] for d in documents])
     torch.testing.assert_close(logits, alone, atol=2e-5, rtol=1e-4)
 

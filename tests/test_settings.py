@@ -262,10 +262,10 @@ def test_a_wrong_type_on_the_command_line_names_the_flag_and_the_type(name, caps
 
 def python_functions():
     from hybridzoo.convert import convert_checkpoint, export_checkpoint
-    from hybridzoo.evaluation.compare import compare
     from hybridzoo.evaluation.harness import run_eval
     from hybridzoo.hub import push_to_hub
     from hybridzoo.quickstart import run_quickstart
+    from hybridzoo.recipes.compare import compare
 
     return {"compare": compare, "eval": run_eval, "quickstart": run_quickstart, "push": push_to_hub,
             "convert": convert_checkpoint, "export": export_checkpoint}
@@ -320,7 +320,7 @@ def test_no_option_is_typed_by_hand():
     ],
 )
 def test_a_sweep_file_is_checked_like_the_settings(change, expected):
-    from hybridzoo.evaluation.sweep import sweep_from_dict
+    from hybridzoo.recipes.sweep import sweep_from_dict
 
     sweep = {"name": "x", "task": "mqar", "train": [{"seq_len": 16, "num_kv_pairs": 2}],
              "test": [{"seq_len": 16, "num_kv_pairs": 2}], "models": ["transformer"], "d_models": [16],

@@ -84,15 +84,15 @@ def test_output_folder_reloads_and_lora_and_classification_fine_tunes(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     from hybridzoo.recipes import trainer
 
-    real = trainer.compute_loss
+    real = trainer.LanguageModelLoss.__call__
     calls = {"n": 0}
 
-    def poisoned(model, batch, head):
+    def poisoned(self, model, batch, head):
         calls["n"] += 1
-        loss, correct, counted = real(model, batch, head)
-        return (loss * float("nan") if calls["n"] > 8 else loss), correct, counted  # step 5 (2 micro-batches/step)
+        loss = real(self, model, batch, head)
+        return loss * float("nan") if calls["n"] > 8 else loss  # step 5 (2 micro-batches/step)
 
-    monkeypatch.setattr(trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(trainer.LanguageModelLoss, "__call__", poisoned)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*step-3"):
         train(tiny_recipe(tmp_path / "run", tmp_path / "cache", eval={"every": 0}))
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-3"]

@@ -1,9 +1,14 @@
 """`hybridzoo compare`: train several zoo architectures on the same synthetic task with the same budget, side by side.
 
 Zoology's setting: 2 layers, no MLP (`intermediate_size=0`), the same width, AdamW + cosine, the same number of steps
-and the same data stream for every architecture; accuracy at the query positions with argmax over the full vocabulary,
-with a 95% Wilson interval. The default grid (MQAR (T, kv) = (64, 8), V = 512, d = 64) finishes in a few minutes on 2
-CPU cores; `--slices`, `--d-models`, `--steps` give Zoology-sized grids.
+and the same data stream for every architecture (batch `i` from `batch_seed(seed, i)`, the training slices in turn);
+accuracy at the query positions with argmax over the full vocabulary, with a 95% Wilson interval. The default grid
+(MQAR (T, kv) = (64, 8), V = 512, d = 64) finishes in a few minutes on 2 CPU cores; `--slices`, `--d-models`,
+`--steps` give Zoology-sized grids.
+
+Each (architecture, width) is a recipe trained by the recipes' trainer in `OUTPUT_DIR/runs/ARCH-dWIDTH/` (the saved
+model, metrics.jsonl, checkpoints), so a compare that is stopped and started again with the same settings resumes the
+cell it was training and reuses the finished ones.
 """
 
 from __future__ import annotations
@@ -16,13 +21,11 @@ from pathlib import Path
 import torch
 
 from hybridzoo.configs.settings import add_command, at_least, setting, takes_settings
-from hybridzoo.configs.zoo import ARCHITECTURES, task_model_config
-from hybridzoo.data.tasks import TaskMixture, chance_accuracy, make_task
-
-from .harness import make_rows, model_info, write_outputs
-from .metrics import evaluate_task
-from .sweep import load_sweep, run_sweep
-from .train import train_on_task
+from hybridzoo.configs.zoo import ARCHITECTURES, task_model_fields
+from hybridzoo.data.tasks import chance_accuracy, make_task
+from hybridzoo.evaluation.harness import make_rows, model_info, write_outputs
+from hybridzoo.evaluation.metrics import evaluate_task
+from hybridzoo.recipes.sweep import load_sweep, run_sweep, task_recipe, train_cell
 
 DEFAULT_OUTPUT_DIR = "outputs/compare"
 
@@ -62,10 +65,15 @@ class CompareSettings:
                                  "finished so far")
 
 
-def compare_config(architecture: str, d_model: int, settings: CompareSettings):
-    """The 2-layer, MLP-free config of `architecture` at width `d_model` (heads as in Zoology's trade-off sweep)."""
+def compare_recipe(architecture: str, d_model: int, settings: CompareSettings) -> dict:
+    """The training recipe of one cell: the 2-layer, MLP-free `architecture` at width `d_model` (heads as in Zoology's
+    trade-off sweep) on the training slices in turn, in its own folder under `output_dir/runs/`."""
     longest = max(t for t, _ in settings.train_slices + (settings.test_slices or []))
-    return task_model_config(architecture, d_model, settings.vocab_size, settings.num_heads, longest=longest)
+    fields = task_model_fields(architecture, d_model, settings.vocab_size, settings.num_heads, longest=longest)
+    task_params = {"vocab_size": settings.vocab_size, "random_non_queries": settings.random_non_queries}
+    slices = [{"seq_len": t, "num_kv_pairs": kv} for t, kv in settings.train_slices]
+    return task_recipe(Path(settings.output_dir) / "runs" / f"{architecture}-d{d_model}", settings.task, task_params,
+                       slices, architecture, fields, settings.steps, settings.batch_size, settings.lr, settings.seed)
 
 
 def _slice_task(settings: CompareSettings, seq_len: int, num_kv_pairs: int):
@@ -81,33 +89,29 @@ def run_compare(settings: CompareSettings, log=print) -> tuple[list[dict], dict[
             raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    train_task = TaskMixture([_slice_task(settings, t, kv) for t, kv in settings.train_slices])
     test_slices = settings.test_slices or settings.train_slices
     rows: list[dict] = []
     for d_model in settings.d_models:
         for architecture in settings.architectures:
             label = f"{architecture} d={d_model}"
-            model = train_on_task(compare_config(architecture, d_model, settings), train_task, settings.steps,
-                                  batch_size=settings.batch_size, lr=settings.lr, seed=settings.seed,
-                                  description=label)
+            model, record = train_cell(compare_recipe(architecture, d_model, settings), log)
             info = dict(model_info(model, architecture), model=f"{architecture}-d{d_model}")
-            seconds = model.training_log["seconds"]
+            seconds = record["seconds"]
+            newton = {k: v for k, v in record.items() if k.startswith("newton_")}
             for seq_len, kv in test_slices:
                 task = _slice_task(settings, seq_len, kv)
                 start = time.perf_counter()
                 metrics = evaluate_task(model, task, settings.test_examples, seed=settings.seed + 10_000)
                 cell = {"num_kv_pairs": kv, "train_seconds": seconds, "train_steps": settings.steps,
                         "eval_seconds": time.perf_counter() - start, "chance": chance_accuracy(task),
-                        "final_train_loss": model.training_log["final_loss"],
-                        **{k: v for k, v in model.training_log.items() if k.startswith("newton_")}}
+                        "final_train_loss": record["final_loss"], **newton}
                 rows += make_rows(info, settings.task, seq_len, settings.seed, metrics, **cell)
                 accuracy = next(m for m in metrics if m["metric"] == "accuracy")
                 log(f"{label} (T={seq_len}, kv={kv}): accuracy {accuracy['value']:.3f} "
                     f"[{accuracy['ci_low']:.3f}, {accuracy['ci_high']:.3f}] n={accuracy['n']}, "
                     f"trained {seconds:.0f} s"
-                    + (f", Newton iterations mean {model.training_log['newton_mean_iterations']:.2f} max "
-                       f"{model.training_log['newton_max_iterations']}, fallbacks "
-                       f"{model.training_log['newton_fallbacks']}" if "newton_solves" in model.training_log else ""))
+                    + (f", Newton iterations mean {newton['newton_mean_iterations']:.2f} max "
+                       f"{newton['newton_max_iterations']}, fallbacks {newton['newton_fallbacks']}" if newton else ""))
             # rewrite the results after every model, so a long grid that is stopped keeps what it measured
             write_outputs(rows, {}, settings.output_dir, title=f"hybridzoo compare ({settings.task}, partial)")
     out = Path(settings.output_dir)
@@ -146,8 +150,8 @@ def compare_table(rows: list[dict], settings: CompareSettings) -> str:
     lines.append("")
     lines.append(f"Accuracy at the query positions (argmax over all {settings.vocab_size} tokens), 95% Wilson interval "
                  f"over n = {n:,} queries ({settings.test_examples} examples); chance = {chance:.4f}. "
-                 f"{settings.steps} steps × batch {settings.batch_size}, AdamW lr {settings.lr}, cosine; 2 layers, "
-                 f"no MLP.")
+                 f"{settings.steps} steps × batch {settings.batch_size}, AdamW lr {settings.lr}, warm-up + cosine; "
+                 f"2 layers, no MLP.")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Sweeps given as data: models x widths x learning rates (x seeds) trained on one task, tested on several slices.
 
-A sweep is a YAML file (`evaluation/sweeps/NAME.yaml` for the built-in ones, or any path):
+A sweep is a YAML file (`recipes/sweeps/NAME.yaml` for the built-in ones, or any path):
 
     name: zoology-cpu
     task: mqar                        # a task of data/tasks.py
@@ -16,11 +16,12 @@ A sweep is a YAML file (`evaluation/sweeps/NAME.yaml` for the built-in ones, or 
 
 How it runs (`hybridzoo compare --sweep NAME_OR_PATH`):
 - the grid is every (model, width, learning rate, seed) cell; each cell is trained and tested by a *cell runner*
-  (`train_and_test` below, which uses `hybridzoo compare`'s model config and training loop; any function with its
-  signature can replace it, so the grid, selection, resume and plots do not depend on how a cell is trained);
+  (`train_and_test` below: the cell as a recipe, trained by the recipes' trainer in `runs/CELL/` of the output
+  folder, then scored by the eval harness; any function with its signature can replace it, so the grid, selection,
+  resume and plots do not depend on how a cell is trained);
 - every finished cell is appended to `cells.jsonl` in the output folder (flushed and fsynced), so a killed sweep
-  started again with the same output folder skips what is done and continues; a different sweep in that folder is
-  refused (the message says how to restart);
+  started again with the same output folder skips what is done and continues, and the cell it was training resumes
+  from its newest checkpoint; a different sweep in that folder is refused (the message says how to restart);
 - the best learning rate per (model, width) is the one with the highest mean test accuracy over the slices, averaged
   over seeds (Zoology reports the max over its 4 learning rates);
 - outputs: `results.jsonl` (every row, `selected` marks the best learning rate's), `sweep.md` (the table at the best
@@ -35,6 +36,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -46,8 +49,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from hybridzoo.configs.settings import build, did_you_mean
-from hybridzoo.configs.zoo import ARCHITECTURES, task_model_config
-from hybridzoo.data.tasks import TASKS, GroupWordTask, TaskMixture, chance_accuracy, make_task
+from hybridzoo.configs.zoo import ARCHITECTURES, task_model_fields
+from hybridzoo.data.tasks import TASKS, GroupWordTask, chance_accuracy, make_task
+from hybridzoo.evaluation import plots
+from hybridzoo.evaluation.harness import make_rows, model_info
+from hybridzoo.evaluation.metrics import evaluate_task, wilson_interval
+from hybridzoo.evaluation.references import matching_references, references_markdown
+from hybridzoo.modeling import HybridForCausalLM
+from hybridzoo.recipes.recipe import load_recipe
+from hybridzoo.recipes.trainer import train
 
 SWEEP_DIR = Path(__file__).parent / "sweeps"
 CELLS_FILE = "cells.jsonl"
@@ -115,6 +125,11 @@ class Cell:
     @property
     def key(self) -> str:
         return f"{self.model}|d={self.d_model}|lr={self.lr:.6g}|seed={self.seed}"
+
+    @property
+    def folder_name(self) -> str:
+        """The cell's training folder under `runs/`."""
+        return re.sub(r"[^A-Za-z0-9._-]", "_", f"{self.model}-d{self.d_model}-lr{self.lr:.6g}-seed{self.seed}")
 
 
 def _without(mapping: dict, *keys: str) -> dict:
@@ -196,10 +211,59 @@ def sweep_from_dict(data: dict, source: str = "sweep") -> SweepSpec:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# the default cell runner: compare's config and training loop
+# a cell as a recipe, trained by the recipes' trainer (also `hybridzoo compare`'s cells)
 
 
-CellRunner = Callable[[SweepSpec, Cell], list[dict]]
+CellRunner = Callable[[SweepSpec, Cell, Path], list[dict]]  # (sweep, cell, the cell's own folder) -> rows
+# Zoology's training setting: AdamW (betas 0.9, 0.98; weight decay 0.1 on matrices), linear warm-up over a tenth of
+# the steps, then cosine to 0; gradient norm clipped at 1
+TASK_TRAINING = {"betas": [0.9, 0.98], "weight_decay": 0.1, "min_lr_ratio": 0.0, "grad_clip": 1.0}
+WARMUP_FRACTION = 0.1
+CHECKPOINT_EVERY = 100  # steps: a killed cell loses at most this much
+
+
+def task_recipe(output_dir: str | Path, task: str, task_params: dict, slices: list[dict], zoo: str, model_fields: dict,
+                steps: int, batch_size: int, lr: float, seed: int) -> dict:
+    """A training recipe for one cell: zoo architecture `zoo` ("tiny" size with `model_fields` over it, see
+    `task_model_fields`) trained on `task`'s `slices` in turn (each task parameters over `task_params`, with an optional
+    `weight`), Zoology's optimizer setting, batch `i` generated from `batch_seed(seed, i)`."""
+    warmup = min(max(1, int(WARMUP_FRACTION * steps)), steps - 1)
+    return {
+        "output_dir": str(output_dir),
+        "description": f"{zoo} on {task}, {steps} steps x batch {batch_size}, lr {lr:.6g}, seed {seed}",
+        "model": {"zoo": zoo, "size": "tiny", "overrides": dict(model_fields)},
+        "data": {"source": "task", "task": task, "task_params": dict(task_params), "task_mixture": list(slices)},
+        "train": {"max_steps": steps, "micro_batch_size": batch_size, "lr": lr, "warmup_steps": warmup, "seed": seed,
+                  **TASK_TRAINING},
+        "eval": {"every": 0, "batches": 1},
+        "checkpoint": {"every": CHECKPOINT_EVERY, "keep": 1},
+    }
+
+
+def smoothed_loss(metrics_path: Path, decay: float = 0.95) -> float | None:
+    """The training loss at the end of a run, as an exponential moving average over its steps."""
+    smoothed = None
+    for line in metrics_path.read_text().splitlines():
+        loss = json.loads(line)["loss"]
+        smoothed = loss if smoothed is None else decay * smoothed + (1 - decay) * loss
+    return smoothed
+
+
+def train_cell(recipe: dict, log: Callable[[str], None] = print) -> tuple[HybridForCausalLM, dict]:
+    """Train one cell's recipe in its folder, resuming a run that was cut short and reusing a finished one (a folder
+    holding a run of other settings is started over). Returns the saved model (eval mode) and the training summary
+    (`steps`, `seconds`, `newton_*` for ParaRNN blocks) with the smoothed final training loss (`final_loss`)."""
+    folder = Path(recipe["output_dir"])
+    saved = folder / "recipe.yaml"
+    if saved.exists() and yaml.safe_load(saved.read_text()) != load_recipe(recipe).to_dict():
+        log(f"{folder} holds a run with other settings: training this cell from the start")
+        shutil.rmtree(folder)
+    if (folder / "summary.json").exists():
+        summary = json.loads((folder / "summary.json").read_text())
+    else:
+        summary = train(recipe, resume=True)
+    model = HybridForCausalLM.from_pretrained(folder).eval()
+    return model, {**summary, "final_loss": smoothed_loss(folder / "metrics.jsonl")}
 
 
 def test_slice_fields(task) -> dict:
@@ -209,32 +273,31 @@ def test_slice_fields(task) -> dict:
     return {"length": task.seq_len, "num_kv_pairs": getattr(task, "num_kv_pairs", None)}
 
 
-def train_and_test(spec: SweepSpec, cell: Cell, progress: bool = True) -> list[dict]:
-    """Train `cell`'s model with `hybridzoo compare`'s loop, test it on every test slice; returns the rows."""
-    from .harness import make_rows, model_info
-    from .metrics import evaluate_task
-    from .train import train_on_task
-
+def cell_recipe(spec: SweepSpec, cell: Cell, folder: Path) -> dict:
+    """`cell` of `spec` as a training recipe in `folder`: the sweep's training slices, the model's width and overrides,
+    the cell's learning rate and seed."""
     model_spec = spec.model(cell.model)
-    train = spec.train_tasks()
-    test = spec.test_tasks()
-    mixture = TaskMixture([task for task, weight in train for _ in range(weight)])
-    longest = max(task.seq_len for task in [*mixture.tasks, *test])
-    vocab_size = max(task.vocab_size for task in [*mixture.tasks, *test])
-    config = task_model_config(model_spec.zoo, cell.d_model, vocab_size=vocab_size, num_heads=spec.num_heads,
+    tasks = [task for task, _ in spec.train_tasks()] + spec.test_tasks()
+    longest = max(task.seq_len for task in tasks)
+    vocab_size = max(task.vocab_size for task in tasks)
+    fields = task_model_fields(model_spec.zoo, cell.d_model, vocab_size=vocab_size, num_heads=spec.num_heads,
                                num_layers=spec.num_layers, longest=longest, **model_spec.overrides)
-    model = train_on_task(config, mixture, spec.steps, batch_size=spec.batch_size, lr=cell.lr, seed=cell.seed,
-                          progress=progress, description=cell.key)
-    info = dict(model_info(model, model_spec.zoo), model=cell.model)
+    return task_recipe(folder, spec.task, spec.task_params, spec.train, model_spec.zoo, fields, spec.steps,
+                       spec.batch_size, cell.lr, cell.seed)
+
+
+def train_and_test(spec: SweepSpec, cell: Cell, folder: Path) -> list[dict]:
+    """Train `cell` through the recipes' trainer in `folder`, test it on every test slice; returns the rows."""
+    model, record = train_cell(cell_recipe(spec, cell, folder))
+    info = dict(model_info(model, spec.model(cell.model).zoo), model=cell.model)
     rows = []
-    for task in test:
+    for task in spec.test_tasks():
         fields = test_slice_fields(task)
         metrics = evaluate_task(model, task, spec.test_examples, seed=cell.seed + 10_000)
         rows += make_rows(info, spec.task, fields["length"], cell.seed, metrics, num_kv_pairs=fields["num_kv_pairs"],
-                          lr=cell.lr, cell=cell.key, chance=chance_accuracy(task),
-                          train_seconds=model.training_log["seconds"], train_steps=spec.steps,
-                          final_train_loss=model.training_log["final_loss"],
-                          **{k: v for k, v in model.training_log.items() if k.startswith("newton_")})
+                          lr=cell.lr, cell=cell.key, chance=chance_accuracy(task), train_seconds=record["seconds"],
+                          train_steps=spec.steps, final_train_loss=record["final_loss"],
+                          **{k: v for k, v in record.items() if k.startswith("newton_")})
     return rows
 
 
@@ -316,7 +379,7 @@ def run_sweep(spec: SweepSpec, output_dir: str | Path, runner: CellRunner = trai
     try:
         for done, cell in enumerate(todo, start=1):
             cell_start = time.perf_counter()
-            rows = runner(spec, cell)
+            rows = runner(spec, cell, out / "runs" / cell.folder_name)
             seconds = time.perf_counter() - cell_start
             append_cell(out, {"fingerprint": fingerprint, "cell": cell.key, "seconds": seconds, "rows": rows})
             finished[cell.key] = {"rows": rows}
@@ -366,8 +429,6 @@ def best_learning_rates(rows_by_cell: dict[str, list[dict]], cells: list[Cell]) 
 
 def pooled_accuracy(rows: list[dict]) -> dict:
     """Accuracy rows of one test slice over seeds: the mean value and a Wilson interval on the pooled counts."""
-    from .metrics import wilson_interval
-
     rows = sorted(rows, key=lambda r: r["seed"])
     correct = sum(r["correct"] for r in rows)
     n = sum(r["n"] for r in rows)
@@ -414,9 +475,6 @@ def summarize(spec: SweepSpec, finished: dict[str, dict]) -> tuple[list[dict], l
 
 
 def write_summary(spec: SweepSpec, finished: dict[str, dict], out: Path, plot: bool = True) -> dict[str, Path]:
-    from . import plots
-    from .references import matching_references, references_markdown
-
     all_rows, points = summarize(spec, finished)
     written = {"results": out / "results.jsonl", "markdown": out / "sweep.md", "summary": out / "summary.json"}
     _write_atomic(written["results"], "".join(json.dumps(r) + "\n" for r in all_rows))
