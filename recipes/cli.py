@@ -10,27 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 
 import hybridzoo.recipes as recipes
-from hybridzoo.configs.settings import add_command, describe, setting
-from hybridzoo.recipes.recipe import Recipe
-
-
-@dataclass
-class RecipeRun:
-    """The settings of `hybridzoo train` and `hybridzoo distill`; the recipe's own keys are the overrides."""
-
-    recipe: str = setting(help="a recipe YAML file, or a shipped recipe name (recipes/*.yaml)", positional=True)
-    overrides: list[str] = setting([], "dotted key=value overrides of the recipe keys listed below, e.g. "
-                                   "train.max_steps=100", positional=True, metavar="KEY=VALUE")
-    resume: bool = setting(False, "continue from the newest complete checkpoint")
+from hybridzoo.configs.settings import add_command, describe
+from hybridzoo.recipes.recipe import Recipe, RecipeRun
 
 
 def add_arguments(parser: argparse.ArgumentParser, recipe_function: str = "train") -> None:
     def run(settings: RecipeRun) -> int:
         try:
-            getattr(recipes, recipe_function)(settings.recipe, overrides=settings.overrides, resume=settings.resume)
+            getattr(recipes, recipe_function)(settings)
         except recipes.RecipeError as error:
             print(f"recipe error: {error}", file=sys.stderr)
             return 2

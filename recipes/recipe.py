@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from hybridzoo.configs.settings import SettingsError, build
+from hybridzoo.configs.settings import SettingsError, build, setting
 
 RECIPE_DIR = Path(__file__).resolve().parent
 # names other tools use for our keys, suggested when a recipe uses them
@@ -148,6 +148,19 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class RecipeRun:
+    """What `hybridzoo train` / `hybridzoo distill` and `hybridzoo.recipes.train` / `distill` take: the recipe, its
+    overrides (the recipe's own keys, above) and whether to resume."""
+
+    recipe: str | Path | dict | Recipe = setting(help="a recipe YAML file, or a shipped recipe name (recipes/*.yaml); "
+                                                 "in Python also a dict or a Recipe", positional=True)
+    overrides: list[str] | dict | None = setting(None, "dotted key=value overrides of the recipe keys, e.g. "
+                                                 "train.max_steps=100 (in Python also a dict)", positional=True,
+                                                 metavar="KEY=VALUE")
+    resume: bool = setting(False, "continue from the newest complete checkpoint")
 
 
 def apply_overrides(values: dict, overrides: list[str] | dict | None) -> dict:

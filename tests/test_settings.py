@@ -265,13 +265,14 @@ def python_functions():
     from hybridzoo.evaluation.harness import run_eval
     from hybridzoo.hub import push_to_hub
     from hybridzoo.quickstart import run_quickstart
+    from hybridzoo.recipes import distill, train
     from hybridzoo.recipes.compare import compare
 
     return {"compare": compare, "eval": run_eval, "quickstart": run_quickstart, "push": push_to_hub,
-            "convert": convert_checkpoint, "export": export_checkpoint}
+            "convert": convert_checkpoint, "export": export_checkpoint, "train": train, "distill": distill}
 
 
-@pytest.mark.parametrize("name", ["compare", "eval", "quickstart", "push", "convert", "export"])
+@pytest.mark.parametrize("name", ["compare", "eval", "quickstart", "push", "convert", "export", "train", "distill"])
 def test_the_python_function_takes_the_same_settings(name):
     """Each command's Python function has the settings' fields as its parameters, and checks them the same way
     (the mistake is caught before any work starts)."""
