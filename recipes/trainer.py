@@ -224,37 +224,23 @@ def save_checkpoint(accelerator, step: int, output_dir: Path, keep: int) -> Path
 
 
 class MetricsLog:
-    """metrics.jsonl (and TensorBoard when it is installed), written by the main process only."""
+    """metrics.jsonl, written by the main process only, and the same numbers to accelerate's TensorBoard tracker when
+    tensorboard is installed (`output_dir/tensorboard`, set up in `train`)."""
 
-    def __init__(self, output_dir: Path, enabled: bool, resume_step: int) -> None:
-        self.enabled = enabled
+    def __init__(self, accelerator, output_dir: Path, resume_step: int) -> None:
+        self.accelerator = accelerator
+        self.enabled = accelerator.is_main_process
         self.path = output_dir / "metrics.jsonl"
-        self.tensorboard = None
-        if not enabled:
-            return
-        if self.path.exists():  # after a resume, drop lines past the checkpoint so the curve has no duplicates
+        if self.enabled and self.path.exists():  # after a resume, drop lines past the checkpoint: no duplicate points
             lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in lines))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
-        except ImportError:
-            pass
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as file:
-            file.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        if self.enabled:
+            with self.path.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        self.accelerator.log(scalars, step=record["step"])  # a no-op without trackers
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
@@ -318,7 +304,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     `objective` (default `LanguageModelLoss()`) gives each micro-batch's loss and may freeze weights first.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import is_tensorboard_available, set_seed
 
     recipe = load_recipe(recipe, overrides)
     if recipe.kind != "train":
@@ -328,7 +314,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     output_dir = Path(recipe.output_dir)
     precision = {"fp32": "no", "bf16": "bf16"}[recipe.train.precision]
     # cpu=True when there is no GPU: the only way `accelerate launch --multi_gpu` gives real (gloo) DDP on CPU
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                              log_with="tensorboard" if is_tensorboard_available() else None,
+                              project_dir=str(output_dir))
     main = accelerator.is_main_process
     log = (lambda message: print(message, flush=True)) if main else (lambda message: None)
     set_seed(recipe.train.seed)
@@ -376,7 +364,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         log(f"resumed from {checkpoints[-1]} (step {progress.step})")
     elif resume:
         log("resume: no checkpoint found, starting from scratch")
-    metrics = MetricsLog(output_dir, main, progress.step)
+    if accelerator.log_with:
+        accelerator.init_trackers("tensorboard")  # writes to output_dir/tensorboard
+    metrics = MetricsLog(accelerator, output_dir, progress.step)
 
     world, rank, batch_size = accelerator.num_processes, accelerator.process_index, t.micro_batch_size
     model.train()
@@ -430,7 +420,6 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         if recipe.checkpoint.every and progress.step % recipe.checkpoint.every == 0 and not last_step:
             save_checkpoint(accelerator, progress.step, output_dir, recipe.checkpoint.keep)
     bar.close()
-    metrics.close()
 
     summary = save_final(accelerator, model, data, recipe, progress, {**last_eval, **newton.summary()})
     accelerator.end_training()
