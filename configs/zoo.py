@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hybridzoo.configs.settings import SettingsError, add_command, setting
 from hybridzoo.modeling.blocks import BLOCK_CLASSES, BLOCK_LETTERS
 from hybridzoo.modeling.configuration_hybrid import HybridConfig
 
@@ -294,19 +295,25 @@ def zoo_table(size: str = "small") -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class ZooSettings:
+    """What `hybridzoo zoo` takes."""
+
+    action: str = setting("list", "list the zoo, or show one architecture's full config", choices=("list", "show"),
+                          positional=True)
+    name: str | None = setting(None, "architecture name (for `show`)", positional=True)
+    size: str = setting("small", "size of the listed / shown configs", choices=tuple(SIZES))
+
+
 def add_arguments(parser) -> None:
     """`hybridzoo zoo [--size S]` lists the zoo; `hybridzoo zoo show NAME [--size S]` prints one full config."""
-    parser.add_argument("action", nargs="?", choices=["list", "show"], default="list")
-    parser.add_argument("name", nargs="?", help="architecture name (for `show`)")
-    parser.add_argument("--size", default="small", choices=list(SIZES))
-
-    def handler(args) -> int:
-        if args.action == "list":
-            print(zoo_table(args.size))
+    def run(settings: ZooSettings) -> int:
+        if settings.action == "list":
+            print(zoo_table(settings.size))
             return 0
-        if args.name is None:
-            parser.error(f"`zoo show` needs an architecture name: one of {', '.join(ARCHITECTURES)}")
-        print(zoo_config(args.name, args.size).to_json_string(use_diff=False))
+        if settings.name is None:
+            raise SettingsError(f"name: `zoo show` needs an architecture name: one of {', '.join(ARCHITECTURES)}")
+        print(zoo_config(settings.name, settings.size).to_json_string(use_diff=False))
         return 0
 
-    parser.set_defaults(handler=handler)
+    add_command(parser, ZooSettings, run)

@@ -16,11 +16,13 @@ import json
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from hybridzoo.configs.settings import add_command, at_least, setting, takes_settings
 from hybridzoo.configs.zoo import ARCHITECTURES, describe, zoo_config
 from hybridzoo.data.documents import read_documents, split_documents
 from hybridzoo.data.tasks import (
@@ -502,11 +504,48 @@ def write_outputs(rows: list[dict], curves: dict[str, list[float]], out_dir: str
     return written
 
 
-def run_eval(models: list[str], suite: str = "retrieval", out_dir: str = "outputs/eval", size: str = "tiny",
-             text: str | None = None, level: str = "auto", **kwargs) -> dict[str, Path]:
-    """`hybridzoo eval` as a function: evaluate every model spec (`eval_rows`) and write the combined outputs."""
-    rows, curves = eval_rows(models, suite, size, text, level, **kwargs)
-    return write_outputs(rows, curves, out_dir, kwargs.get("train_length", 256), title=f"hybridzoo eval ({suite})")
+@dataclass
+class EvalSettings:
+    """What `hybridzoo eval` and `run_eval` take (the command's options are generated from these fields)."""
+
+    models: list[str] = setting(help="saved model folders or zoo architecture names (untrained)", positional=True,
+                                metavar="MODEL")
+    suite: str = setting("retrieval", "the eval suite", choices=SUITES)
+    out_dir: str | Path = setting("outputs/eval", "where results.jsonl, results.md and the plots go",
+                                  flag="--output-dir")
+    size: str = setting("tiny", "zoo size for architecture names")
+    text: str | None = setting(None, "loss by position on held-out documents of this text source, in each model's "
+                               "own tokenizer: stdlib, a .txt/.jsonl/.parquet file or folder, or a datasets name "
+                               "(default: synthetic lm_stream documents)")
+    level: str = setting("auto", "token: the tasks' token ids (models trained on them); text: prompt + answer in "
+                         "each saved model's own tokenizer, scored by the answer's log-likelihood and exact greedy "
+                         "match; auto: text for models saved with a real tokenizer, token otherwise",
+                         choices=("auto", "token", "text"))
+    lengths: list[int] | None = setting(None, "context lengths for the needle tasks and MQAR slices (default: "
+                                        f"{' '.join(map(str, DEFAULT_LENGTHS))}, MQAR: its standard slices)",
+                                        check=at_least(1))
+    num_examples: int = setting(100, "examples per cell", flag="--examples", check=at_least(1))
+    seed: int = setting(0, "seed of the generated examples")
+    batch_size: int = setting(16, "examples per forward pass", check=at_least(1))
+    train_length: int = setting(256, "the models' training length T (loss by position is measured at T, 2T, 4T, 8T)",
+                                check=at_least(1))
+    decode_lengths: list[int] = setting(list(DECODE_LENGTHS), "context lengths of the decode-cost measurement",
+                                        check=at_least(1))
+    decode_tokens: int = setting(16, "tokens decoded per decode-cost measurement", check=at_least(1))
+    depths: list[float] = setting(list(DEPTHS), "needle depths (0: start of the context, 1: its end)")
+
+
+@takes_settings(EvalSettings)
+def run_eval(settings: EvalSettings) -> dict[str, Path]:
+    """`hybridzoo eval` as a function: evaluate every model spec (`eval_rows`) and write the combined outputs. Takes
+    an `EvalSettings` or its fields as arguments: `run_eval(["outputs/run"], suite="all", num_examples=20)`."""
+    rows, curves = eval_rows(settings.models, settings.suite, settings.size, settings.text, settings.level,
+                             lengths=settings.lengths, num_examples=settings.num_examples, seed=settings.seed,
+                             batch_size=settings.batch_size, train_length=settings.train_length,
+                             decode_lengths=settings.decode_lengths, decode_tokens=settings.decode_tokens,
+                             depths=settings.depths)
+    return write_outputs(rows, curves, settings.out_dir, settings.train_length,
+                         title=f"hybridzoo eval ({settings.suite})")
 
 
 def eval_rows(models: list[str], suite: str = "retrieval", size: str = "tiny", text: str | None = None,
@@ -546,37 +585,12 @@ def eval_rows(models: list[str], suite: str = "retrieval", size: str = "tiny", t
 
 
 def add_arguments(parser) -> None:
-    """`hybridzoo eval MODEL... --suite ...`."""
-    parser.add_argument("models", nargs="+", help="saved model folders or zoo architecture names (untrained)")
-    parser.add_argument("--suite", choices=SUITES, default="retrieval")
-    parser.add_argument("--lengths", type=int, nargs="+", help="context lengths for the needle tasks and MQAR slices")
-    parser.add_argument("--depths", type=float, nargs="+", default=list(DEPTHS))
-    parser.add_argument("--examples", type=int, default=100, help="examples per cell")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-length", type=int, default=256, help="the models' training length T (loss by "
-                        "position is measured at T, 2T, 4T, 8T)")
-    parser.add_argument("--decode-lengths", type=int, nargs="+", default=list(DECODE_LENGTHS))
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--size", default="tiny", help="zoo size for architecture names")
-    parser.add_argument("--text", help="loss by position on held-out documents of this text source, in each model's "
-                        "own tokenizer: stdlib, a .txt/.jsonl/.parquet file or folder, or a datasets name "
-                        "(default: synthetic lm_stream documents)")
-    parser.add_argument("--level", choices=("auto", "token", "text"), default="auto",
-                        help="token: the tasks' token ids (models trained on them); text: prompt + answer in each "
-                        "saved model's own tokenizer, scored by the answer's log-likelihood and exact greedy match; "
-                        "auto (default): text for models saved with a real tokenizer, token otherwise")
-    parser.add_argument("--output-dir", default="outputs/eval")
-
-    def handler(args) -> int:
-        written = run_eval(args.models, args.suite, args.output_dir, args.size, text=args.text, level=args.level,
-                           lengths=args.lengths,
-                           num_examples=args.examples, seed=args.seed, batch_size=args.batch_size,
-                           train_length=args.train_length, decode_lengths=args.decode_lengths,
-                           decode_tokens=args.decode_tokens, depths=args.depths)
+    """`hybridzoo eval MODEL... --suite ...`: the options are `EvalSettings`' fields."""
+    def run(settings: EvalSettings) -> int:
+        written = run_eval(settings)
         print(written["markdown"].read_text())
         for name, path in written.items():
             print(f"{name}: {path}")
         return 0
 
-    parser.set_defaults(handler=handler)
+    add_command(parser, EvalSettings, run)

@@ -1,9 +1,11 @@
 """The `hybridzoo` command line: the one list of subcommands, each a thin wrapper over a Python function.
 
 `SUBCOMMANDS` maps each name to the module that declares its options (`add_arguments(parser)`, or
-`module:function` when one module declares two commands; it also sets `handler`, the function run with the parsed
-arguments) and a one-line help. Only the module of the subcommand being
-run is imported, so `hybridzoo --help` and `hybridzoo push --help` need neither torch nor transformers.
+`module:function` when one module declares two commands) and a one-line help. Each command's options are generated
+from its settings dataclass (`hybridzoo.configs.settings.add_command`: flags, types, choices, defaults and help, and
+the `handler` run with the parsed arguments); none is typed here or by hand. Only the module of the subcommand being
+run is imported, so `hybridzoo --help` and `hybridzoo push --help` need neither torch nor transformers. A mistyped
+flag gets "did you mean" (`SettingsParser`).
 `python -m hybridzoo.cli ...` works too (it imports the package normally, so it starts slower).
 """
 
@@ -14,6 +16,7 @@ import importlib
 import sys
 
 import hybridzoo
+from hybridzoo.configs.settings import SettingsParser
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("hybridzoo.quickstart", "train, evaluate, publish and reload a small hybrid, end to end"),
@@ -39,7 +42,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand listed; only `command`'s module is imported to declare its options."""
-    parser = argparse.ArgumentParser(prog="hybridzoo", description="Hybrid language models for transformers.")
+    parser = SettingsParser(prog="hybridzoo", description="Hybrid language models for transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, GenerationConfig
 
 from hybridzoo.configs.checkpoint_maps import CHECKPOINT_MAPS, CheckpointMap, UnsupportedCheckpoint, WeightRule
+from hybridzoo.configs.settings import add_command, setting, takes_settings
 from hybridzoo.modeling import HybridConfig, HybridForCausalLM
 
 __all__ = [
@@ -378,23 +379,29 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         os.replace(tmp, out)
 
 
-def convert_checkpoint(
-    source: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    revision: str | None = None,
-    overwrite: bool = False,
-    quiet: bool = False,
-) -> Path:
+@dataclass
+class ConvertSettings:
+    """What `hybridzoo convert` and `convert_checkpoint` take."""
+
+    source: str | os.PathLike = setting(help="local checkpoint folder or Hub repo id", positional=True)
+    out_dir: str | os.PathLike = setting(help="output folder (written atomically)", positional=True)
+    revision: str | None = setting(None, "Hub revision: branch, tag or commit (default: main)")
+    overwrite: bool = setting(False, "replace an existing OUT_DIR")
+    quiet: bool = setting(False, "no progress bar")
+
+
+@takes_settings(ConvertSettings)
+def convert_checkpoint(settings: ConvertSettings) -> Path:
     """Convert a transformers checkpoint (local folder or Hub repo id) into a hybridzoo model folder at `out_dir`.
 
     Raises `UnsupportedCheckpoint` for configs hybridzoo cannot reproduce exactly and `ConversionError` listing every
     unmapped, missing or misshapen key; in both cases nothing is written. Returns the output folder.
     """
-    out = Path(out_dir)
+    source, overwrite = settings.source, settings.overwrite
+    out = Path(settings.out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
-    folder, source_id = _resolve_source(source, revision)
+    folder, source_id = _resolve_source(source, settings.revision)
     source_config = AutoConfig.from_pretrained(folder)
     checkpoint_map, config = hybrid_config_for(source_config)
     files = _weight_files(folder)
@@ -404,7 +411,7 @@ def convert_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _stream(planned, files, expected, config, tmp, quiet)
+        _stream(planned, files, expected, config, tmp, settings.quiet)
         _write_code_and_config(config, tmp)
         _write_generation_config(folder, config, tmp)
         tokenizer = _copy_tokenizer(folder, tmp)
@@ -445,17 +452,26 @@ def _iter_export(checkpoint_map: CheckpointMap, state: dict[str, torch.Tensor], 
                 yield source_key, join([state[k] for k in keys], config), keys
 
 
-def export_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, target: str = "llama", *,
-                      overwrite: bool = False) -> Path:
+@dataclass
+class ExportSettings:
+    """What `hybridzoo export` and `export_checkpoint` take."""
+
+    model_dir: str | os.PathLike = setting(help="a hybridzoo model folder", positional=True)
+    out_dir: str | os.PathLike = setting(help="output folder (written atomically)", positional=True)
+    target: str = setting("llama", "the transformers architecture written", choices=sorted(EXPORT_TARGETS))
+    overwrite: bool = setting(False, "replace an existing OUT_DIR")
+
+
+@takes_settings(ExportSettings)
+def export_checkpoint(settings: ExportSettings) -> Path:
     """Write a hybridzoo model folder as a native transformers checkpoint (`target`: "llama" or "qwen3_next").
 
     Raises `UnsupportedCheckpoint` naming every config field that does not fit the target class. The export is the
     conversion's inverse: converting the result back gives bit-identical weights.
     """
-    if target not in EXPORT_TARGETS:
-        raise ValueError(f"`target` must be one of {sorted(EXPORT_TARGETS)}, got {target!r}.")
-    checkpoint_map = CHECKPOINT_MAPS[EXPORT_TARGETS[target]]
-    folder, out = Path(model_dir), Path(out_dir)
+    overwrite = settings.overwrite
+    checkpoint_map = CHECKPOINT_MAPS[EXPORT_TARGETS[settings.target]]
+    folder, out = Path(settings.model_dir), Path(settings.out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
     config = HybridConfig.from_pretrained(folder)
@@ -492,30 +508,24 @@ def export_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser) -> None:
+    """`hybridzoo convert SOURCE OUT_DIR [--revision R] [--overwrite]`: the options are `ConvertSettings`' fields."""
     parser.description = convert_checkpoint.__doc__
-    parser.add_argument("source", help="local checkpoint folder or Hub repo id")
-    parser.add_argument("out_dir", help="output folder (written atomically)")
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
 
-    def handler(args) -> int:
-        out = convert_checkpoint(args.source, args.out_dir, revision=args.revision, overwrite=args.overwrite)
-        print(f"converted {args.source} -> {out}")
+    def run(settings: ConvertSettings) -> int:
+        out = convert_checkpoint(settings)
+        print(f"converted {settings.source} -> {out}")
         return 0
 
-    parser.set_defaults(handler=handler)
+    add_command(parser, ConvertSettings, run)
 
 
-def add_export_arguments(export) -> None:
-    export.description = export_checkpoint.__doc__
-    export.add_argument("model_dir")
-    export.add_argument("out_dir")
-    export.add_argument("--target", choices=sorted(EXPORT_TARGETS), default="llama")
-    export.add_argument("--overwrite", action="store_true")
+def add_export_arguments(parser) -> None:
+    """`hybridzoo export MODEL_DIR OUT_DIR [--target T] [--overwrite]`: the options are `ExportSettings`' fields."""
+    parser.description = export_checkpoint.__doc__
 
-    def export_handler(args) -> int:
-        out = export_checkpoint(args.model_dir, args.out_dir, args.target, overwrite=args.overwrite)
-        print(f"exported {args.model_dir} -> {out} ({EXPORT_TARGETS[args.target]})")
+    def run(settings: ExportSettings) -> int:
+        out = export_checkpoint(settings)
+        print(f"exported {settings.model_dir} -> {out} ({EXPORT_TARGETS[settings.target]})")
         return 0
 
-    export.set_defaults(handler=export_handler)
+    add_command(parser, ExportSettings, run)

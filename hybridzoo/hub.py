@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from hybridzoo.configs.settings import add_command, at_least, setting, takes_settings
+
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, HfApi, ModelCard
 
@@ -227,39 +229,47 @@ def _with_retries(step: str, call: Callable[[], T], *, repo_id: str, redact: _Re
     raise AssertionError("unreachable")
 
 
-def push_to_hub(
-    model_dir: str | Path,
-    repo_id: str,
-    private: bool = False,
-    revision: str | None = None,
-    create_pr: bool = False,
-    dry_run: bool = False,
-    token: str | None = None,
-    *,
-    base_model: str | None = None,
-    license: str = "apache-2.0",  # noqa: A002 - the Hub's metadata key
-    commit_message: str | None = None,
-    max_attempts: int = 5,
-    backoff_seconds: float = 1.0,
-) -> PushResult:
+@dataclass
+class PushSettings:
+    """What `hybridzoo push` and `push_to_hub` take (the options of the command are generated from these fields)."""
+
+    model_dir: str | Path = setting(help="a folder written by save_pretrained / a training recipe", positional=True)
+    repo_id: str = setting(help="OWNER/NAME on the Hub")
+    private: bool = setting(False, "create the repo private (if it does not exist)")
+    revision: str | None = setting(None, "branch to commit to, created from main if missing (default: main)")
+    create_pr: bool = setting(False, "open a pull request instead of committing")
+    dry_run: bool = setting(False, "list the files and print the card; upload nothing")
+    token: str | None = setting(None, "Hub token (default: HF_TOKEN or `hf auth login`)")
+    base_model: str | None = setting(None, "Hub id of the base model (adapters, fine-tunes)")
+    license: str = setting("apache-2.0", "licence id for the card")
+    commit_message: str | None = setting(None, "the commit message (default: Upload FOLDER with hybridzoo)")
+    max_attempts: int = setting(5, "tries of each Hub call on transient failures (5xx, 429, dropped connections)",
+                                check=at_least(1))
+    backoff_seconds: float = setting(1.0, "wait before the first retry, doubled for each next one (at most 60 s)",
+                                     check=at_least(0))
+
+
+@takes_settings(PushSettings)
+def push_to_hub(settings: PushSettings) -> PushResult:
     """Upload a saved model or adapter folder to `repo_id` in one commit, creating the repo if needed.
 
     `revision`: a branch (created from main if missing). `create_pr`: open a pull request instead of committing to
     the branch. `dry_run`: build and check everything, upload nothing. `base_model`: the Hub id of the base model
     (adapters and fine-tunes); for an adapter it also replaces a local `base_model_name_or_path` in the uploaded
-    adapter_config.json. Raises `HubPushError` with what failed and what to do.
+    adapter_config.json. Raises `HubPushError` with what failed and what to do. Takes a `PushSettings` or its fields
+    as arguments: `push_to_hub(model_dir, repo_id, private=True)`.
     """
     from huggingface_hub import HfApi, get_token
 
     from hybridzoo import __version__
     from hybridzoo.model_card import ModelCardError, build_model_card, is_hub_repo_id
 
-    folder = Path(model_dir)
+    folder, repo_id, token = Path(settings.model_dir), settings.repo_id, settings.token
     if not is_hub_repo_id(repo_id):
         raise HubPushError(f"{repo_id!r} is not a Hub repo id: use OWNER/NAME (your user name or an organisation).")
     files = collect_files(folder)
     try:
-        card = build_model_card(folder, repo_id=repo_id, base_model=base_model, license=license)
+        card = build_model_card(folder, repo_id=repo_id, base_model=settings.base_model, license=settings.license)
     except ModelCardError as error:
         raise HubPushError(str(error)) from None
     contents: dict[str, Path | bytes] = dict(files)
@@ -270,9 +280,9 @@ def push_to_hub(
             contents["adapter_config.json"] = rewritten
     sizes = {path: len(data) if isinstance(data, bytes) else data.stat().st_size
              for path, data in sorted(contents.items())}
-    branch = revision or "main"
-    result = PushResult(repo_id=repo_id, revision=branch, files=sizes, card=card, dry_run=dry_run)
-    if dry_run:
+    branch = settings.revision or "main"
+    result = PushResult(repo_id=repo_id, revision=branch, files=sizes, card=card, dry_run=settings.dry_run)
+    if settings.dry_run:
         return result
 
     token = token or get_token()
@@ -281,10 +291,11 @@ def push_to_hub(
     redact = _Redactor(token)
     endpoint = os.environ.get("HF_ENDPOINT") or None  # None: huggingface_hub's default (read at its import)
     api = HfApi(endpoint=endpoint, token=token, library_name="hybridzoo", library_version=__version__)
-    retry = dict(repo_id=repo_id, redact=redact, attempts=result.attempts, max_attempts=max_attempts,
-                 backoff_seconds=backoff_seconds)
+    retry = dict(repo_id=repo_id, redact=redact, attempts=result.attempts, max_attempts=settings.max_attempts,
+                 backoff_seconds=settings.backoff_seconds)
     with _redacted_logs(redact):
-        info = _upload(api, folder, repo_id, branch, contents, private, create_pr, commit_message, retry)
+        info = _upload(api, folder, repo_id, branch, contents, settings.private, settings.create_pr,
+                       settings.commit_message, retry)
     result.commit_oid, result.commit_url = info.oid, info.commit_url
     result.pull_request_url = info.pr_url
     logger.info("pushed %d files to %s@%s (commit %s)", len(contents), repo_id, branch, info.oid)
@@ -326,26 +337,15 @@ def describe_push(result: PushResult) -> str:
 
 
 def add_arguments(parser) -> None:
-    """`hybridzoo push MODEL_DIR --repo-id OWNER/NAME [--private] [--revision B] [--create-pr] [--dry-run]`."""
-    parser.add_argument("model_dir", help="a folder written by save_pretrained / a training recipe")
-    parser.add_argument("--repo-id", required=True, help="OWNER/NAME on the Hub")
-    parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
-    parser.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    parser.add_argument("--dry-run", action="store_true", help="list the files and print the card; upload nothing")
-    parser.add_argument("--base-model", default=None, help="Hub id of the base model (adapters, fine-tunes)")
-    parser.add_argument("--license", default="apache-2.0", help="licence id for the card (default: apache-2.0)")
-    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
-
-    def handler(args) -> int:
+    """`hybridzoo push MODEL_DIR --repo-id OWNER/NAME [--private] [--revision B] [--create-pr] [--dry-run] ...`: the
+    options are `PushSettings`' fields."""
+    def run(settings: PushSettings) -> int:
         try:
-            result = push_to_hub(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
-                                 create_pr=args.create_pr, dry_run=args.dry_run, token=args.token,
-                                 base_model=args.base_model, license=args.license)
+            result = push_to_hub(settings)
         except HubPushError as error:
             print(f"hybridzoo push: {error}")
             return 1
         print(describe_push(result))
         return 0
 
-    parser.set_defaults(handler=handler)
+    add_command(parser, PushSettings, run)

@@ -23,26 +23,31 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hybridzoo.configs.zoo import describe, two_layer_pattern, zoo_config
+from hybridzoo.configs.settings import add_command, at_least, setting, takes_settings
+from hybridzoo.configs.zoo import ARCHITECTURES, SIZES, describe, two_layer_pattern, zoo_config
 
 
 @dataclass
 class QuickstartSettings:
-    architecture: str = "qwen3-next-style"
-    baseline: str = "transformer"
-    size: str = "tiny"
-    text_steps: int = 500
-    mqar_steps: int = 1000
-    eval_examples: int = 100
-    output_dir: str = "outputs/quickstart"
-    repo_id: str = "local/hybridzoo-quickstart"
-    endpoint: str = ""  # a Hub endpoint to push to; empty: start a local Hub-compatible server
-    prompt: str = "def "
-    new_tokens: int = 60
-    seed: int = 0
+    """What `hybridzoo quickstart` and `run_quickstart` take (the command's flags are generated from these fields)."""
+
+    architecture: str = setting("qwen3-next-style", "the hybrid trained, evaluated and published",
+                                choices=tuple(ARCHITECTURES))
+    baseline: str = setting("transformer", "the baseline, widened to the hybrid's parameter count",
+                            choices=tuple(ARCHITECTURES))
+    size: str = setting("tiny", "zoo size of both models", choices=tuple(SIZES))
+    text_steps: int = setting(500, "training steps on the Python stdlib sources", check=at_least(1))
+    mqar_steps: int = setting(1000, "training steps on MQAR", check=at_least(1))
+    eval_examples: int = setting(100, "eval examples per cell", check=at_least(1))
+    output_dir: str = setting("outputs/quickstart", "where everything is written")
+    repo_id: str = setting("local/hybridzoo-quickstart", "the Hub repo the hybrid is pushed to")
+    endpoint: str = setting("", "a Hub endpoint to push to; empty: start a local Hub-compatible server")
+    prompt: str = setting("def ", "prompt of the generation after reloading")
+    new_tokens: int = setting(60, "tokens generated after reloading", check=at_least(1))
+    seed: int = setting(0, "seed of the training runs and the eval")
 
 
 def _banner(text: str) -> None:
@@ -208,9 +213,10 @@ def reload_and_generate(settings: QuickstartSettings, endpoint: str, token: str,
     return {"class": class_name, "sample": text, "max_logit_difference": difference}
 
 
-def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
-    """The whole story; returns a summary (also written to `output_dir/summary.json`)."""
-    settings = settings or QuickstartSettings()
+@takes_settings(QuickstartSettings)
+def run_quickstart(settings: QuickstartSettings) -> dict:
+    """The whole story; returns a summary (also written to `output_dir/summary.json`). Takes a `QuickstartSettings`
+    or its fields as arguments (`run_quickstart(text_steps=50)`; none: the defaults)."""
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -248,10 +254,4 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
 
 def add_arguments(parser) -> None:
     """`hybridzoo quickstart [--text-steps N ...]`: every `QuickstartSettings` field is a flag."""
-    for setting in fields(QuickstartSettings):
-        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=type(setting.default), default=setting.default)
-
-    def handler(args) -> None:
-        run_quickstart(QuickstartSettings(**{f.name: getattr(args, f.name) for f in fields(QuickstartSettings)}))
-
-    parser.set_defaults(handler=handler)
+    add_command(parser, QuickstartSettings, run_quickstart)

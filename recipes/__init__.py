@@ -10,25 +10,26 @@ The training loop (torch, accelerate) is imported only when `train` or `distill`
 
 from __future__ import annotations
 
-from pathlib import Path
+from hybridzoo.configs.settings import takes_settings
+from hybridzoo.recipes.recipe import Recipe, RecipeError, RecipeRun, load_recipe
 
-from hybridzoo.recipes.recipe import Recipe, RecipeError, load_recipe
 
-
-def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None, resume: bool = False) -> dict:
-    """Run a recipe (a YAML path, a shipped recipe name, a dict or a `Recipe`) with optional `key=value` overrides."""
+@takes_settings(RecipeRun)
+def train(settings: RecipeRun) -> dict:
+    """Run a recipe (a YAML path, a shipped recipe name, a dict or a `Recipe`) with optional `key=value` overrides:
+    `train(recipe, overrides=None, resume=False)`, or `train(RecipeRun(...))`."""
     from hybridzoo.recipes.trainer import train as run
 
-    return run(recipe, overrides=overrides, resume=resume)
+    return run(settings.recipe, overrides=settings.overrides, resume=settings.resume)
 
 
-def distill(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
-            resume: bool = False) -> dict:
+@takes_settings(RecipeRun)
+def distill(settings: RecipeRun) -> dict:
     """Run a `kind: distill` recipe: a student hybrid from the teacher `model.from_pretrained`, both stages, the
-    from-scratch baseline and the report (see recipes/distill.py)."""
+    from-scratch baseline and the report (see recipes/distill.py). Takes what `train` takes."""
     from hybridzoo.recipes.distill import distill as run
 
-    return run(recipe, overrides=overrides, resume=resume)
+    return run(settings.recipe, overrides=settings.overrides, resume=settings.resume)
 
 
-__all__ = ["Recipe", "RecipeError", "distill", "load_recipe", "train"]
+__all__ = ["Recipe", "RecipeError", "RecipeRun", "distill", "load_recipe", "train"]

@@ -1,5 +1,6 @@
 """`hybridzoo train RECIPE [key=value ...] [--resume]` and `hybridzoo distill ...`: thin wrappers over
 `hybridzoo.recipes.train` and `hybridzoo.recipes.distill`, which take the same recipe, overrides and `--resume`.
+`--help` lists every recipe key with its type, default and help, read from the recipe schema (recipes/recipe.py).
 
 Several processes: `accelerate launch [--multi_gpu --num_processes N] -m hybridzoo.cli train RECIPE ...`
 (on CPU prefix `ACCELERATE_USE_CPU=1` to get gloo DDP).
@@ -10,24 +11,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def run(args: argparse.Namespace) -> int:
-    import hybridzoo.recipes as recipes
-
-    try:
-        getattr(recipes, args.recipe_function)(args.recipe, overrides=args.overrides, resume=args.resume)
-    except recipes.RecipeError as error:
-        print(f"recipe error: {error}", file=sys.stderr)
-        return 2
-    return 0
+import hybridzoo.recipes as recipes
+from hybridzoo.configs.settings import add_command, describe
+from hybridzoo.recipes.recipe import Recipe, RecipeRun
 
 
-def add_arguments(parser, recipe_function: str = "train", example: str = "train.max_steps=100") -> None:
-    parser.add_argument("recipe", help=f"a recipe YAML file, or a shipped recipe name (hybridzoo {recipe_function})")
-    parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.set_defaults(handler=run, recipe_function=recipe_function)
+def add_arguments(parser: argparse.ArgumentParser, recipe_function: str = "train") -> None:
+    def run(settings: RecipeRun) -> int:
+        try:
+            getattr(recipes, recipe_function)(settings)
+        except recipes.RecipeError as error:
+            print(f"recipe error: {error}", file=sys.stderr)
+            return 2
+        return 0
+
+    add_command(parser, RecipeRun, run)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "recipe keys (in the YAML file, or overridden as key=value):\n" + "\n".join(
+        f"  {line}" for line in describe(Recipe))
 
 
-def add_distill_arguments(parser) -> None:
-    add_arguments(parser, "distill", "distill.align_steps=50")
+def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser, "distill")

@@ -13,38 +13,56 @@ cell it was training and reuses the finished ones.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from hybridzoo.configs.settings import add_command, at_least, setting, takes_settings
 from hybridzoo.configs.zoo import ARCHITECTURES, task_model_fields
 from hybridzoo.data.tasks import chance_accuracy, make_task
 from hybridzoo.evaluation.harness import make_rows, model_info, write_outputs
 from hybridzoo.evaluation.metrics import evaluate_task
 from hybridzoo.recipes.sweep import load_sweep, run_sweep, task_recipe, train_cell
 
+DEFAULT_OUTPUT_DIR = "outputs/compare"
+
 
 @dataclass
 class CompareSettings:
-    architectures: list[str] = field(default_factory=lambda: ["transformer", "gated-deltanet", "lstm"])
-    task: str = "mqar"
-    train_slices: list[tuple[int, int]] = field(default_factory=lambda: [(64, 8)])  # (seq_len, num_kv_pairs)
-    test_slices: list[tuple[int, int]] | None = None  # None: the training slices
-    d_models: list[int] = field(default_factory=lambda: [64])
-    num_heads: int = 2  # Zoology's trade-off sweep: 2 heads for attention and (Gated) DeltaNet
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
-    vocab_size: int = 512
-    random_non_queries: bool = False  # Zoology's Fig. 2 setting: blanks stay 0
-    test_examples: int = 500
-    seed: int = 0
-    threads: int | None = None  # torch intra-op threads (None: leave torch's default)
-    output_dir: str = "outputs/compare"
+    """What `hybridzoo compare` takes (its options are generated from these fields), `run_compare` too."""
+
+    architectures: list[str] = setting(["transformer", "gated-deltanet", "lstm"], "zoo architectures trained",
+                                       choices=tuple(ARCHITECTURES))
+    task: str = setting("mqar", "the synthetic task", choices=("mqar", "forgetting_mqar"))
+    train_slices: list[tuple[int, int]] = setting([(64, 8)], "training slices seq_len:num_kv_pairs (Zoology grid: "
+                                                  "64:4 128:8 256:16 512:64)", flag="--slices", metavar="T:KV")
+    test_slices: list[tuple[int, int]] | None = setting(None, "test slices, e.g. 512:128 (default: the training "
+                                                        "slices)", metavar="T:KV")
+    d_models: list[int] = setting([64], "model widths", check=at_least(1))
+    num_heads: int = setting(2, "heads of attention and (Gated) DeltaNet (Zoology's trade-off sweep: 2)",
+                             check=at_least(1))
+    steps: int = setting(1500, "training steps per model", check=at_least(1))
+    batch_size: int = setting(64, "training examples per step", check=at_least(1))
+    lr: float = setting(3e-3, "AdamW learning rate (cosine schedule)", check=at_least(0))
+    vocab_size: int = setting(512, "task vocabulary size", check=at_least(1))
+    random_non_queries: bool = setting(False, "random tokens at the non-query positions (Zoology's Fig. 2 setting: "
+                                       "blanks stay 0)")
+    test_examples: int = setting(500, "test examples per slice", check=at_least(1))
+    seed: int = setting(0, "seed of the data stream and the initialisation")
+    threads: int | None = setting(None, "torch intra-op threads (default: torch's)", check=at_least(1))
+    output_dir: str | None = setting(None, f"where the results go (default: {DEFAULT_OUTPUT_DIR}, or "
+                                     "outputs/sweeps/NAME with --sweep)")
+    sweep: str | None = setting(None, "run a sweep given as data instead: a built-in name (zoology, zoology-cpu, "
+                                "parity-neg-eigval, ...) or a YAML file (format: sweep.py's docstring); models x "
+                                "widths x learning rates, best learning rate per cell, resumable from --output-dir; "
+                                "the other options are ignored")
+    restart: bool = setting(False, "with --sweep: start over in an output folder that holds another sweep's cells "
+                            "(kept as cells.jsonl.bak)")
+    summary_only: bool = setting(False, "with --sweep: train nothing; rewrite the table, JSON and plot from the cells "
+                                 "finished so far")
 
 
 def compare_recipe(architecture: str, d_model: int, settings: CompareSettings) -> dict:
@@ -65,6 +83,7 @@ def _slice_task(settings: CompareSettings, seq_len: int, num_kv_pairs: int):
 
 def run_compare(settings: CompareSettings, log=print) -> tuple[list[dict], dict[str, Path]]:
     """Train every (architecture, width) on the training slices, evaluate on the test slices, write the outputs."""
+    settings = replace(settings, output_dir=settings.output_dir or DEFAULT_OUTPUT_DIR)
     for architecture in settings.architectures:
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {architecture!r}; choose from {', '.join(ARCHITECTURES)}")
@@ -136,59 +155,26 @@ def compare_table(rows: list[dict], settings: CompareSettings) -> str:
     return "\n".join(lines)
 
 
-def _slices(text: list[str]) -> list[tuple[int, int]]:
-    """`64:4 128:16` -> [(64, 4), (128, 16)]."""
-    try:
-        return [tuple(int(x) for x in item.split(":")) for item in text]  # type: ignore[misc]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"slices look like 64:4 (seq_len:num_kv_pairs), got {text}") from error
+@takes_settings(CompareSettings)
+def compare(settings: CompareSettings) -> dict[str, Path]:
+    """`hybridzoo compare` as a function: the side-by-side run (`run_compare`), or with `sweep` that sweep
+    (`run_sweep`, into `output_dir` or outputs/sweeps/NAME); returns the paths written. Takes a `CompareSettings`
+    or its fields as arguments: `compare(architectures=["lstm"], steps=300)`."""
+    if settings.sweep:
+        spec = load_sweep(settings.sweep)
+        return run_sweep(spec, settings.output_dir or f"outputs/sweeps/{spec.name}", restart=settings.restart,
+                         summary_only=settings.summary_only)
+    return run_compare(settings)[1]
 
 
 def add_arguments(parser) -> None:
-    """`hybridzoo compare [--architectures ...] [--task ...] ...`: train zoo architectures side by side."""
-    defaults = CompareSettings()
-    parser.add_argument("--architectures", nargs="+", default=defaults.architectures, choices=list(ARCHITECTURES))
-    parser.add_argument("--task", default=defaults.task, choices=["mqar", "forgetting_mqar"])
-    parser.add_argument("--slices", nargs="+", default=[f"{t}:{kv}" for t, kv in defaults.train_slices],
-                        help="training slices seq_len:num_kv_pairs (Zoology grid: 64:4 128:8 256:16 512:64)")
-    parser.add_argument("--test-slices", nargs="+", help="test slices (default: the training slices), e.g. 512:128")
-    parser.add_argument("--d-models", type=int, nargs="+", default=defaults.d_models)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
-    parser.add_argument("--test-examples", type=int, default=defaults.test_examples)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--output-dir", default=None, help=f"default: {defaults.output_dir}, or outputs/sweeps/NAME "
-                        "with --sweep")
-    parser.add_argument("--sweep", help="run a sweep given as data instead: a built-in name (zoology, zoology-cpu, "
-                        "parity-neg-eigval, ...) or a YAML file (see recipes/sweep.py); models x widths x learning "
-                        "rates, best learning rate per cell, resumable from --output-dir; the other options are "
-                        "ignored")
-    parser.add_argument("--restart", action="store_true", help="with --sweep: start over in an output folder that "
-                        "holds another sweep's cells (kept as cells.jsonl.bak)")
-    parser.add_argument("--summary-only", action="store_true", help="with --sweep: train nothing; rewrite the table, "
-                        "JSON and plot from the cells finished so far")
-
-    def handler(args) -> int:
-        if args.sweep:
-            spec = load_sweep(args.sweep)
-            written = run_sweep(spec, args.output_dir or f"outputs/sweeps/{spec.name}", restart=args.restart,
-                                summary_only=args.summary_only)
-            print(written["markdown"].read_text())
-            for name, path in written.items():
-                print(f"{name}: {path}")
-            return 0
-        settings = CompareSettings(architectures=args.architectures, task=args.task, train_slices=_slices(args.slices),
-                                   test_slices=_slices(args.test_slices) if args.test_slices else None,
-                                   d_models=args.d_models, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                   vocab_size=args.vocab_size, test_examples=args.test_examples, seed=args.seed,
-                                   threads=args.threads, output_dir=args.output_dir or defaults.output_dir)
-        _, written = run_compare(settings)
-        print(written["compare"].read_text())
+    """`hybridzoo compare [--architectures ...] [--task ...] ... | --sweep NAME`: the options are
+    `CompareSettings`' fields."""
+    def run(settings: CompareSettings) -> int:
+        written = compare(settings)
+        print(written["markdown" if settings.sweep else "compare"].read_text())
         for name, path in written.items():
             print(f"{name}: {path}")
         return 0
 
-    parser.set_defaults(handler=handler)
+    add_command(parser, CompareSettings, run)

@@ -1,20 +1,20 @@
 """The recipe schema: one dataclass per YAML section, loading, `key=value` overrides and validation.
 
 A recipe is checked completely before anything runs. An unknown or mistyped key, a value of the wrong type or an
-impossible value raises `RecipeError` naming the dotted key (`train.lr`) and the fix.
+impossible value raises `RecipeError` naming the dotted key (`train.lr`) and the fix. The key and type checks are the
+settings schema's (`hybridzoo.configs.settings.build`); the comment on a key's line is its help in
+`hybridzoo train --help`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
+
+from hybridzoo.configs.settings import SettingsError, build, setting
 
 RECIPE_DIR = Path(__file__).resolve().parent
 # names other tools use for our keys, suggested when a recipe uses them
@@ -22,7 +22,7 @@ ALIASES = {"learning_rate": "lr", "batch_size": "micro_batch_size", "gradient_ac
            "steps": "max_steps", "seq_len": "context_length", "mixed_precision": "precision", "rank": "r"}
 
 
-class RecipeError(ValueError):
+class RecipeError(SettingsError):
     """A recipe key is unknown, has the wrong type or an impossible value."""
 
 
@@ -153,60 +153,17 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# loading: dict -> dataclasses, with a type check per key
+@dataclass
+class RecipeRun:
+    """What `hybridzoo train` / `hybridzoo distill` and `hybridzoo.recipes.train` / `distill` take: the recipe, its
+    overrides (the recipe's own keys, above) and whether to resume."""
 
-
-def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
-    return {type(None): "null"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
-
-
-def _build(cls: type, values: Any, prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping of keys, got {values!r}.")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        if key not in known:
-            close = [ALIASES[key]] if ALIASES.get(key) in known else difflib.get_close_matches(str(key), known, n=1)
-            fix = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {', '.join(known)}."
-            raise RecipeError(f"{dotted}: unknown key; {fix}")
-        annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, value or {}, f"{dotted}.")
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and annotation is float:
-            value = float(value)
-        if isinstance(value, str) and annotation is float:
-            # YAML 1.1 reads `3e-4` (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if not _matches(value, annotation):
-            raise RecipeError(f"{dotted}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__}).")
-        kwargs[key] = value
-    missing = [n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is
-               dataclasses.MISSING and n not in kwargs]
-    if missing:
-        raise RecipeError(f"{prefix}{missing[0]}: required key is missing; add `{prefix}{missing[0]}: ...`.")
-    return cls(**kwargs)
+    recipe: str | Path | dict | Recipe = setting(help="a recipe YAML file, or a shipped recipe name (recipes/*.yaml); "
+                                                 "in Python also a dict or a Recipe", positional=True)
+    overrides: list[str] | dict | None = setting(None, "dotted key=value overrides of the recipe keys, e.g. "
+                                                 "train.max_steps=100 (in Python also a dict)", positional=True,
+                                                 metavar="KEY=VALUE")
+    resume: bool = setting(False, "continue from the newest complete checkpoint")
 
 
 def apply_overrides(values: dict, overrides: list[str] | dict | None) -> dict:
@@ -254,7 +211,7 @@ def load_recipe(recipe: str | Path | dict | Recipe, overrides: list[str] | dict 
     else:
         values = yaml.safe_load(resolve_recipe_path(recipe).read_text()) or {}
     values = apply_overrides(values, overrides)
-    result = _build(Recipe, values, "")
+    result = build(Recipe, values, aliases=ALIASES, error=RecipeError)
     validate(result)
     return result
 

@@ -48,6 +48,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from hybridzoo.configs.settings import build, did_you_mean
 from hybridzoo.configs.zoo import ARCHITECTURES, task_model_fields
 from hybridzoo.data.tasks import TASKS, GroupWordTask, chance_accuracy, make_task
 from hybridzoo.evaluation import plots
@@ -167,7 +168,7 @@ def sweep_from_dict(data: dict, source: str = "sweep") -> SweepSpec:
 
     unknown = sorted(set(data) - SPEC_KEYS)
     if unknown:
-        raise fail(unknown[0], f"is not a sweep field; allowed: {', '.join(sorted(SPEC_KEYS))}")
+        raise fail(unknown[0], f"is not a sweep field; {did_you_mean(unknown[0], sorted(SPEC_KEYS))}")
     for required in ("name", "task", "train", "test", "models", "d_models", "learning_rates", "steps"):
         if required not in data:
             raise fail(required, "is required")
@@ -179,11 +180,12 @@ def sweep_from_dict(data: dict, source: str = "sweep") -> SweepSpec:
         entry.setdefault("zoo", entry.get("name"))
         bad = sorted(set(entry) - MODEL_KEYS)
         if bad:
-            raise fail("models", f"entry {entry} has unknown keys {bad}; allowed: {sorted(MODEL_KEYS)}")
+            raise fail("models", f"entry {entry} has an unknown key `{bad[0]}`; "
+                       f"{did_you_mean(bad[0], sorted(MODEL_KEYS))}")
         if entry["zoo"] not in ARCHITECTURES:
             raise fail("models", f"entry {entry['name']!r}: zoo architecture {entry['zoo']!r} is not one of "
                        f"{', '.join(ARCHITECTURES)}")
-        models.append(ModelSpec(**entry))
+        models.append(build(ModelSpec, entry, prefix=f"{source}: models: {entry['name']}: "))
     if len({m.name for m in models}) != len(models):
         raise fail("models", "names must be distinct")
     rates = data["learning_rates"]
@@ -193,7 +195,7 @@ def sweep_from_dict(data: dict, source: str = "sweep") -> SweepSpec:
         start, stop, num = rates["logspace"]
         rates = [float(x) for x in np.logspace(start, stop, int(num))]
     data = dict(data, models=models, learning_rates=[float(x) for x in rates])
-    spec = SweepSpec(**data)
+    spec = build(SweepSpec, data, prefix=f"{source}: ")  # a type check per field, as for recipes
     for name in ("train", "test"):
         if not getattr(spec, name) or not all(isinstance(p, dict) for p in getattr(spec, name)):
             raise fail(name, "is a non-empty list of task-parameter mappings")

@@ -22,7 +22,6 @@ fail (`fail_next`), to exercise retries and failed commits.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import json
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from hybridzoo.configs.settings import SettingsParser, add_command, setting
 from hybridzoo.model_card import validate_card_metadata
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -524,19 +524,30 @@ def _make_handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a local Hugging Face Hub-compatible endpoint on 127.0.0.1.")
-    parser.add_argument("--root", required=True, help="folder that stores the repos")
-    parser.add_argument("--port", type=int, default=0, help="port (0: any free port)")
-    args = parser.parse_args(argv)
-    hub = LocalHub(args.root, port=args.port)
-    print(f"local hub serving {args.root} at {hub.endpoint}; set HF_ENDPOINT={hub.endpoint}", flush=True)
+@dataclass
+class ServeSettings:
+    """The options of `python -m hybridzoo.testing.local_hub`."""
+
+    root: str = setting(help="folder that stores the repos")
+    port: int = setting(0, "port (0: any free port)")
+
+
+def serve(settings: ServeSettings) -> None:
+    hub = LocalHub(settings.root, port=settings.port)
+    print(f"local hub serving {settings.root} at {hub.endpoint}; set HF_ENDPOINT={hub.endpoint}", flush=True)
     try:
         hub._server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         hub._server.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = SettingsParser(description="Serve a local Hugging Face Hub-compatible endpoint on 127.0.0.1.")
+    add_command(parser, ServeSettings, serve)
+    args = parser.parse_args(argv)
+    args.handler(args)
 
 
 if __name__ == "__main__":
