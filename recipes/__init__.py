@@ -3,7 +3,7 @@
     from hybridzoo.recipes import distill, train
     train("pretrain_stdlib", overrides=["train.max_steps=50", "output_dir=outputs/try"])
 
-    distill("distill_stdlib")  # a pretrained transformer into a Gated DeltaNet (or Mamba-2) hybrid (recipes/distill.py)
+    distill("distill_stdlib")  # a transformer into a Gated DeltaNet (or Mamba-2) hybrid (recipes/distillation.py)
 
 The training loop (torch, accelerate) is imported only when `train` or `distill` is called.
 """
@@ -26,8 +26,8 @@ def train(settings: RecipeRun) -> dict:
 @takes_settings(RecipeRun)
 def distill(settings: RecipeRun) -> dict:
     """Run a `kind: distill` recipe: a student hybrid from the teacher `model.from_pretrained`, both stages, the
-    from-scratch baseline and the report (see recipes/distill.py). Takes what `train` takes."""
-    from hybridzoo.recipes.distill import distill as run
+    from-scratch baseline and the report (see recipes/distillation.py). Takes what `train` takes."""
+    from hybridzoo.recipes.distillation import distill as run
 
     return run(settings.recipe, overrides=settings.overrides, resume=settings.resume)
 

@@ -166,9 +166,9 @@ def report_markdown(recipe: Recipe, report: dict, folders: dict[str, Path]) -> s
         student = "student replaces attention layers by recurrent ones"
     lines = ["## Distillation", "",
              f"Teacher `{recipe.model.from_pretrained}`; the {student} "
-             f"(weights transferred from the teacher's q/k/v/o, see recipes/distill.py), then stage 1 aligns each new "
-             f"layer's output to the teacher attention's ({spec.align_steps} steps, lr {spec.align_lr}) and stage 2 "
-             f"distils the logits ({recipe.train.max_steps} steps, lr {recipe.train.lr}, temperature "
+             f"(weights transferred from the teacher's q/k/v/o, see recipes/distillation.py), then stage 1 aligns "
+             f"each new layer's output to the teacher attention's ({spec.align_steps} steps, lr {spec.align_lr}) and "
+             f"stage 2 distils the logits ({recipe.train.max_steps} steps, lr {recipe.train.lr}, temperature "
              f"{spec.temperature}" + (", LoRA" if recipe.peft.enabled else "") + ").", ""]
     selection = report.get("selection")
     if selection:

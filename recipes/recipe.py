@@ -102,7 +102,7 @@ class PeftSection:
 @dataclass
 class DistillSection:
     """`kind: distill` only: which attention layers of the teacher (`model.from_pretrained`) become Gated DeltaNet or
-    Mamba-2 layers, and the two stages (recipes/distill.py). `train` holds the logit-distillation stage's optimizer
+    Mamba-2 layers, and the two stages (recipes/distillation.py). `train` holds the logit-distillation stage's optimizer
     settings."""
 
     # which layers are replaced: exactly one of the three
@@ -332,7 +332,7 @@ def validate_distill(recipe: Recipe) -> None:
                                               for i in s.replace_layers), "distill.replace_layers",
                "list layer indices (0-based), e.g. [0, 1, 2, 4, 5, 6].")
     if s.select is not None:
-        _check(s.select == "kl", "distill.select", "the measured criterion is kl (see recipes/distill.py).")
+        _check(s.select == "kl", "distill.select", "the measured criterion is kl (see recipes/distillation.py).")
         _check(s.keep_attention >= 0, "distill.keep_attention", "keep 0 or more attention layers.")
         _check(s.select_batches >= 1, "distill.select_batches", "measure on at least 1 batch.")
     _check(s.conv_init in ("identity", "fresh"), "distill.conv_init", "use identity or fresh.")

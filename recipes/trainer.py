@@ -3,7 +3,7 @@
 Read top to bottom: build the model, prepare the data, then for every optimizer step run `grad_accum` micro-batches,
 clip, step, log, evaluate and checkpoint. What a micro-batch's loss is, and which weights train, comes from an
 objective (`LanguageModelLoss` by default: the model's own loss; distillation plugs in its stages, see
-recipes/distill.py). The learning rate follows transformers' `get_cosine_with_min_lr_schedule_with_warmup`: linear
+recipes/distillation.py). The learning rate follows transformers' `get_cosine_with_min_lr_schedule_with_warmup`: linear
 warm-up from 0 (so the first step has lr 0) to `train.lr` over `warmup_steps`, then a cosine down to
 `lr * min_lr_ratio` at `max_steps`.
 

@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from hybridzoo import HybridForCausalLM
 from hybridzoo.recipes import RecipeError, distill, load_recipe, train
-from hybridzoo.recipes.distill import (
+from hybridzoo.recipes.distillation import (
     AlignmentLoss,
     assemble_student,
     build_student,

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from hybridzoo import HybridForCausalLM
 from hybridzoo.recipes import RecipeError, load_recipe
-from hybridzoo.recipes.distill import (  # `distill` from here: after test_distill, the package attribute is the module
+from hybridzoo.recipes.distillation import (
     AlignmentLoss,
     assemble_student,
     build_student,

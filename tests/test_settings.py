@@ -261,20 +261,19 @@ def test_a_wrong_type_on_the_command_line_names_the_flag_and_the_type(name, caps
 
 
 def python_functions():
+    import hybridzoo.recipes.distillation  # noqa: F401  (the submodule must not shadow the package's `distill`)
     from hybridzoo.convert import convert_checkpoint, export_checkpoint
     from hybridzoo.evaluation.harness import run_eval
     from hybridzoo.hub import push_to_hub
     from hybridzoo.quickstart import run_quickstart
-    from hybridzoo.recipes import train
+    from hybridzoo.recipes import distill, train
     from hybridzoo.recipes.compare import compare
 
     return {"compare": compare, "eval": run_eval, "quickstart": run_quickstart, "push": push_to_hub,
-            "convert": convert_checkpoint, "export": export_checkpoint, "train": train}
+            "convert": convert_checkpoint, "export": export_checkpoint, "train": train, "distill": distill}
 
 
-# `distill` takes the same RecipeRun through the same decorator as `train`; it is left out because once the submodule
-# hybridzoo.recipes.distill is imported (test_distill.py does), the package's name `distill` is that module
-@pytest.mark.parametrize("name", ["compare", "eval", "quickstart", "push", "convert", "export", "train"])
+@pytest.mark.parametrize("name", ["compare", "eval", "quickstart", "push", "convert", "export", "train", "distill"])
 def test_the_python_function_takes_the_same_settings(name):
     """Each command's Python function has the settings' fields as its parameters, and checks them the same way
     (the mistake is caught before any work starts)."""
