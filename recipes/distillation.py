@@ -66,6 +66,7 @@ import yaml
 from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from hybridzoo.configs.conversion import convert_state_dict
 from hybridzoo.modeling import HybridConfig, HybridForCausalLM
 from hybridzoo.modeling.modeling_hybrid import HybridModel
 from hybridzoo.recipes import trainer
@@ -89,8 +90,6 @@ def load_teacher(path: str | Path) -> HybridForCausalLM:
     """A hybridzoo model folder, or a transformers checkpoint `hybridzoo convert` knows (Llama, Qwen3-Next, ...)
     converted in memory by its checks (an unknown or missing tensor stops with the list; safetensors only)."""
     from transformers import AutoConfig
-
-    from hybridzoo.convert import convert_state_dict
 
     folder = Path(path)
     config = json.loads((folder / "config.json").read_text())
