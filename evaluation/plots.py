@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -17,10 +18,14 @@ def model_name(row: dict) -> str:
     return row.get("model") or row["architecture"]
 
 
-def _save(figure, path: Path) -> Path:
+def save_png(figure, path: Path) -> Path:
+    """Lay out, write atomically (a temporary file renamed into place: a kill never leaves half a PNG) and close."""
+    path = Path(path)
     figure.tight_layout()
-    figure.savefig(path, format="png", dpi=100)
+    tmp = path.with_name(".tmp-" + path.name)
+    figure.savefig(tmp, format="png", dpi=100)
     plt.close(figure)
+    os.replace(tmp, path)
     return path
 
 
@@ -48,7 +53,7 @@ def recall_vs_state(rows: list[dict], path: Path, task: str = "mqar") -> Path | 
     axis.set_title("recall vs memory")
     axis.grid(alpha=0.3)
     axis.legend()
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def niah_heatmap(rows: list[dict], path: Path, task: str, model: str) -> Path | None:
@@ -73,7 +78,7 @@ def niah_heatmap(rows: list[dict], path: Path, task: str, model: str) -> Path | 
                 axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
     axis.set_title(f"{task}: {model}")
     figure.colorbar(image, ax=axis, label="exact match")
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def loss_by_position(curves: dict[str, list[float]], path: Path, train_length: int | None) -> Path | None:
@@ -102,7 +107,7 @@ def loss_by_position(curves: dict[str, list[float]], path: Path, train_length: i
     axis.set_title("loss by position")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def decode_cost(rows: list[dict], path: Path) -> Path | None:
@@ -124,7 +129,7 @@ def decode_cost(rows: list[dict], path: Path) -> Path | None:
     axis.set_title("decode cost")
     axis.grid(alpha=0.3)
     axis.legend()
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def accuracy_bars(rows: list[dict], path: Path, metric: str = "accuracy") -> Path | None:
@@ -151,7 +156,7 @@ def accuracy_bars(rows: list[dict], path: Path, metric: str = "accuracy") -> Pat
     axis.set_ylim(0, 1.05)
     axis.set_ylabel(f"{metric} (95% Wilson interval)")
     axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: bars reach 1.0
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def _cell(row: dict) -> str:
@@ -196,7 +201,7 @@ def accuracy_vs_state(points: list[dict], path: Path, references: list[dict] | N
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def length_generalisation(points: list[dict], path: Path, train_length: int | None = None,
@@ -225,4 +230,4 @@ def length_generalisation(points: list[dict], path: Path, train_length: int | No
     axis.set_title(title)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(figure, path)
+    return save_png(figure, path)

@@ -227,10 +227,7 @@ def _load(values) -> str:
 
 
 def plot_report(report: dict, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hybridzoo.evaluation.plots import plt, save_png  # matplotlib on the Agg backend, imported only to plot
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     labels = list(report["held_out_loss"])
@@ -250,11 +247,7 @@ def plot_report(report: dict, png_path: Path) -> None:
     right.set_xlabel("context (tokens)")
     right.set_ylabel("decode ms/token")
     right.legend()
-    figure.tight_layout()
-    tmp = png_path.with_name(".tmp-" + png_path.name)
-    figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
-    os.replace(tmp, png_path)
+    save_png(figure, png_path)
 
 
 def _write(path: Path, text: str) -> None:

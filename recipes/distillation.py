@@ -768,10 +768,7 @@ def select_by_kl(recipe: Recipe, teacher: HybridForCausalLM, aligned: HybridForC
 
 def plot_stages(records: list[dict], scratch: list[dict], png_path: Path) -> None:
     """Training loss of both stages (alignment on its own axis) and held-out loss of the student and of scratch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hybridzoo.evaluation.plots import plt, save_png  # matplotlib on the Agg backend, imported only to plot
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     align = [(r["step"], r["loss"]) for r in records if r["stage"] == "align"]
@@ -793,11 +790,7 @@ def plot_stages(records: list[dict], scratch: list[dict], png_path: Path) -> Non
     right.set_ylabel("nats/token")
     right.set_title("held-out loss: student vs the same hybrid from scratch")
     right.legend()
-    figure.tight_layout()
-    tmp = png_path.with_name(".tmp-" + png_path.name)
-    figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
-    os.replace(tmp, png_path)
+    save_png(figure, png_path)
 
 
 def _tokens(record: dict, records: list[dict]) -> int:

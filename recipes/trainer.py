@@ -244,10 +244,7 @@ class MetricsLog:
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from hybridzoo.evaluation.plots import plt, save_png  # matplotlib on the Agg backend, imported only to plot
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -259,11 +256,7 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss (nats/token)")
     axis.legend()
-    figure.tight_layout()
-    tmp = png_path.with_name(".tmp-" + png_path.name)
-    figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
-    os.replace(tmp, png_path)
+    save_png(figure, png_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
