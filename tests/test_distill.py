@@ -122,10 +122,11 @@ def test_llama_teacher_loads_and_transfers(tmp_path):
 # ------------------------------------------------------------------------------------------------------------ losses
 
 
-def test_alignment_loss_falls_and_trains_only_the_new_mixers():
+@pytest.mark.parametrize("blocks", ["gated_deltanet", "mamba2"])
+def test_alignment_loss_falls_and_trains_only_the_new_mixers(blocks):
     torch.manual_seed(0)
     teacher = HybridForCausalLM(tiny_config("A", num_layers=2)).eval()
-    student, _ = build_student(teacher, [0, 1], "identity", seed=0)
+    student, _ = build_student(teacher, [0, 1], "identity", seed=0, blocks=blocks)
     objective = AlignmentLoss(teacher, [0, 1])
     objective.setup(student, CPU)
     trainable = {name for name, p in student.named_parameters() if p.requires_grad}
