@@ -270,13 +270,17 @@ def _chunk_forward(
         )
     if not keep:
         return o, state, None
-    return o, state, (q, k, v, beta, L, KL, Tinv, U, W, P, Qd, Kd_t, decay, kdecay, carry, states, new_v)
+    # Qd and Kd are one product each away from q, k: recomputed in the backward rather than kept (2 of ~15 saved
+    # [T, D]-sized tensors per layer; at 8k tokens that is most of the step memory the block adds over attention)
+    return o, state, (q, k, v, beta, L, KL, Tinv, U, W, P, decay, kdecay, carry, states, new_v)
 
 
 def _chunk_backward(do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, saved):
     """Gradients of `_chunk_forward` w.r.t. q, k, v, gam, beta and the initial state."""
-    q, k, v, beta, L, KL, Tinv, U, W, P, Qd, Kd_t, decay, kdecay, carry, states, new_v = saved
+    q, k, v, beta, L, KL, Tinv, U, W, P, decay, kdecay, carry, states, new_v = saved
     num_chunks = q.shape[0]
+    Qd_t = (q * (decay * scale)[..., None]).mT
+    Kd = k * kdecay[..., None]
     dP = torch.matmul(do, new_v.mT)
     d_new_v = torch.matmul(P.mT, do)  # the local part of dV'; the loop adds the part through later chunks
     # reverse scan: dV'_n += Kd_n dS_{n+1};  dS_n = a_n dS_{n+1} + Qd_n^T dO_n - W_n^T dV'_n
@@ -285,8 +289,7 @@ def _chunk_backward(do: torch.Tensor, dfinal: torch.Tensor | None, scale: float,
     dQd = torch.empty_like(q)
     dW = torch.empty_like(W)
     dcarry = torch.empty_like(carry)
-    Kd = Kd_t.mT
-    Qd_t, W_t = Qd.mT, W.mT
+    W_t = W.mT
     for n in range(num_chunks - 1, -1, -1):
         entering = states[n]
         torch.bmm(new_v[n], dstate.mT, out=dKd[n])
