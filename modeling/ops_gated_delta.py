@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 __all__ = [
     "chunk_gated_delta_rule",
+    "default_chunk_size",
     "fla_available",
     "gated_delta_rule",
     "naive_recurrent_gated_delta_rule",
@@ -38,6 +39,16 @@ __all__ = [
 RECURRENT_MAX_LEN = 4
 # fla's fused recurrent kernel (inference only) beats its chunk kernel up to about this length (fla layers use 64).
 FLA_RECURRENT_MAX_LEN = 64
+
+
+def default_chunk_size(head_k_dim: int, head_v_dim: int, cuda: bool) -> int:
+    """Chunk length of the chunked form when the caller gives none: 64 on GPU (fla's); on CPU 16 for heads up to 32
+    wide, else 32. A chunk costs ~C^2 (D + C) against ~C D^2 for the state, so narrow heads want short chunks: measured
+    fwd+bwd on 1 thread, D = 16: 27.5 vs 35.8 ms (C = 16 vs 32), D = 32: 54 vs 78 ms; D = 64 about even; D = 128:
+    C = 32 is 20% faster than 16 and 8% faster than 64."""
+    if cuda:
+        return 64
+    return 16 if max(head_k_dim, head_v_dim) <= 32 else 32
 
 
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -484,7 +495,7 @@ def gated_delta_rule(
     """The gated delta rule, picking the implementation per call from the tensors' device and length.
 
     CUDA with fla installed: fla's Triton kernels (resets become `cu_seqlens` segments). Otherwise the token loop for
-    T <= `RECURRENT_MAX_LEN` (decoding) and the chunked form beyond (chunk_size default 32 on CPU, 64 on GPU).
+    T <= `RECURRENT_MAX_LEN` (decoding) and the chunked form beyond (chunk_size default: `default_chunk_size`).
 
     Args and returns as `chunk_gated_delta_rule`: q, k `[B, T, H, Dk]`, v `[B, T, H, Dv]`, g, beta `[B, T, H]`,
     initial_state `[B, H, Dk, Dv]`, reset `[B, T]` -> o `[B, T, H, Dv]` (v.dtype), final state (float32).
@@ -500,7 +511,7 @@ def gated_delta_rule(
         if k.shape[1] <= RECURRENT_MAX_LEN:
             return recurrent_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state, reset=reset)
         if chunk_size is None:
-            chunk_size = 64 if q.is_cuda else 32
+            chunk_size = default_chunk_size(k.shape[-1], v.shape[-1], q.is_cuda)
         return chunk_gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, reset=reset, chunk_size=chunk_size
         )

@@ -181,14 +181,23 @@ def test_dispatcher_on_cpu(length):
     o, state = gated_delta_rule(q, k, v, g, beta, initial_state=h0)
     if length <= ops.RECURRENT_MAX_LEN:
         o_expected, state_expected = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
-    else:  # the CPU default chunk is 32
-        o_expected, state_expected = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, chunk_size=32)
+    else:  # the CPU default chunk for these heads
+        chunk = ops.default_chunk_size(k.shape[-1], v.shape[-1], cuda=False)
+        o_expected, state_expected = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, chunk_size=chunk)
     assert torch.equal(o, o_expected) and torch.equal(state, state_expected)
     o_naive, state_naive = naive_recurrent_gated_delta_rule(
         *[x.double() for x in inputs[:5]], initial_state=h0.double()
     )
     torch.testing.assert_close(o.double(), o_naive, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(state.double(), state_naive, atol=2e-6, rtol=1e-5)
+
+
+def test_default_chunk_size():
+    # narrow heads take short chunks on CPU; GPU keeps fla's 64
+    assert ops.default_chunk_size(16, 16, cuda=False) == 16
+    assert ops.default_chunk_size(32, 64, cuda=False) == 32
+    assert ops.default_chunk_size(128, 128, cuda=False) == 32
+    assert ops.default_chunk_size(16, 16, cuda=True) == 64
 
 
 def test_dtypes_and_scale():
