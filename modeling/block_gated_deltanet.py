@@ -151,13 +151,11 @@ class HybridGatedDeltaNet(HybridBlock):
         qkv, z, b, a = self._project(hidden_states)
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
         qkv = F.silu(qkv)
-        query, key, value = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        query = l2_normalize(query.reshape(batch, length, self.num_k_heads, self.head_k_dim))
-        key = l2_normalize(key.reshape(batch, length, self.num_k_heads, self.head_k_dim))
-        value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
-        if self.num_v_heads > self.num_k_heads:
-            query = query.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
-            key = key.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+        # q and k normalised as one tensor (half the small ops); grouped value heads are served by the kernel, which
+        # repeats q/k heads inside its copy into chunk layout
+        query_key = l2_normalize(qkv[..., : 2 * self.key_dim].reshape(batch, length, 2, self.num_k_heads, -1))
+        query, key = query_key.unbind(2)
+        value = qkv[..., 2 * self.key_dim :].reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
         gate_dtype = torch.promote_types(b.dtype, torch.float32)  # float32 at least; float64 stays float64
         beta = torch.sigmoid(b.to(gate_dtype))
