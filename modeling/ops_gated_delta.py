@@ -357,22 +357,57 @@ def _chunk_backward(do: torch.Tensor, dfinal: torch.Tensor | None, scale: float,
     return dq, dk, dv, dgam, dbeta, dstate
 
 
+# Elements per [C, D]-sized tensor of one tile of the training scan (512 KiB in float32, one core's L2 cache here).
+# The sequence is processed tile after tile with the state carried across, so each tile's C x C factors,
+# pseudo-values and states are reused from cache and from the allocator instead of being page-faulted in as
+# [T, D]-sized temporaries. Forward + backward, 1 thread: D = 64, 8 heads: T = 2048 99.8 -> 74.0 ms, T = 8192
+# 407 -> 287 ms; D = 128, 2 x 4 heads, T = 2048: 185 -> 158 ms; measured best of 2^16-2^19 and of no tiling.
+TILE_ELEMENTS = 1 << 17
+
+
+def _tiles(num_chunks: int, rows: int, chunk: int, dim: int) -> list[slice]:
+    """Slices of the chunk axis, each about `TILE_ELEMENTS` per `[rows, chunk, dim]`-shaped tensor."""
+    per_tile = max(1, TILE_ELEMENTS // (rows * chunk * dim))
+    return [slice(start, start + per_tile) for start in range(0, num_chunks, per_tile)]
+
+
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     """The chunk scan with a hand-written backward: 10-30% faster on CPU than autograd through the same loop
-    (measured at T = 2048-4096, D = 64-128), and it keeps fewer intermediates alive."""
+    (measured at T = 2048-4096, D = 64-128), and it keeps fewer intermediates alive. Runs in tiles of chunks
+    (`TILE_ELEMENTS`; inputs are `[N, BH, C, ...]`, so a tile is a contiguous slice)."""
 
     @staticmethod
     def forward(ctx, q, k, v, gam, beta, scale, state, segment):
-        o, final, saved = _chunk_forward(q, k, v, gam, beta, scale, state, segment, keep=True)
+        num_chunks, rows, chunk, _ = q.shape
+        tiles = _tiles(num_chunks, rows, chunk, max(q.shape[-1], v.shape[-1]))
+        outputs, saved = [], []
+        for tile in tiles:
+            tile_segment = None if segment is None else segment[tile]
+            o, state, tile_saved = _chunk_forward(
+                q[tile], k[tile], v[tile], gam[tile], beta[tile], scale, state, tile_segment, keep=True
+            )
+            outputs.append(o)
+            saved.extend(tile_saved)
         ctx.save_for_backward(*saved)
-        ctx.scale = scale
-        return o, final
+        ctx.scale, ctx.tiles = scale, tiles
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs), state
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dfinal):
+        do = do.contiguous()
+        saved = ctx.saved_tensors
+        per_tile = len(saved) // len(ctx.tiles)
+        tile_grads = [None] * len(ctx.tiles)
+        dstate = dfinal
         with torch.autocast(device_type=do.device.type, enabled=False):  # float32, like the forward
-            dq, dk, dv, dgam, dbeta, dstate = _chunk_backward(do.contiguous(), dfinal, ctx.scale, ctx.saved_tensors)
+            for index in range(len(ctx.tiles) - 1, -1, -1):
+                tile_saved = saved[index * per_tile : (index + 1) * per_tile]
+                dq, dk, dv, dgam, dbeta, dstate = _chunk_backward(do[ctx.tiles[index]], dstate, ctx.scale, tile_saved)
+                tile_grads[index] = (dq, dk, dv, dgam, dbeta)
+        # gradients of q, k, v, gam, beta over all chunks
+        grads = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*tile_grads, strict=True)]
+        dq, dk, dv, dgam, dbeta = grads
         return dq, dk, dv, dgam, dbeta, None, dstate, None
 
 
