@@ -250,6 +250,7 @@ def _chunk_forward(
     state: torch.Tensor,
     segment: torch.Tensor | None,
     keep: bool,
+    out: torch.Tensor | None = None,
 ):
     """Chunk-layout forward. q, k `[N, BH, C, Dk]`; v `[N, BH, C, Dv]`; gam, beta `[N, BH, C]`;
     state `[BH, Dk, Dv]`; segment `[N, BH, C]` (document index within the chunk) or None.
@@ -286,7 +287,7 @@ def _chunk_forward(
         states = torch.empty(num_chunks + 1, bh, dk, dv, dtype=q.dtype, device=q.device)
         states[0] = state
     new_v = torch.empty_like(U)
-    o = torch.empty_like(U)
+    o = torch.empty_like(U) if out is None else out
     # the sequential part: four small matmuls per chunk, written into preallocated outputs
     for n in range(num_chunks):
         torch.baddbmm(U[n], W[n], state, alpha=-1.0, out=new_v[n])
@@ -301,8 +302,11 @@ def _chunk_forward(
     return o, state, (q, k, v, beta, L, KL, Tinv, U, W, P, decay, kdecay, carry, states, new_v)
 
 
-def _chunk_backward(do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, saved):
-    """Gradients of `_chunk_forward` w.r.t. q, k, v, gam, beta and the initial state."""
+def _chunk_backward(
+    do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, saved, out: tuple[torch.Tensor, ...] | None = None
+):
+    """Gradients of `_chunk_forward` w.r.t. q, k, v, gam, beta and the initial state; those of q, k, v written into
+    `out` when given (a tile's slices of the whole gradients)."""
     q, k, v, beta, L, KL, Tinv, U, W, P, decay, kdecay, carry, states, new_v = saved
     num_chunks = q.shape[0]
     Qd_t = (q * (decay * scale)[..., None]).mT
@@ -337,16 +341,17 @@ def _chunk_backward(do: torch.Tensor, dfinal: torch.Tensor | None, scale: float,
     dPL = (dP * L).mul_(scale)
     dAbeta = dA * beta[..., :, None]
     dKK = dAbeta * L
-    dq = torch.matmul(dPL, k).addcmul_(dQd, (decay * scale)[..., None])
+    out_q, out_k, out_v = (None, None, None) if out is None else out
+    dq = torch.matmul(dPL, k, out=out_q).addcmul_(dQd, (decay * scale)[..., None])
     dk = (
-        torch.matmul(dPL.mT, q)
+        torch.matmul(dPL.mT, q, out=out_k)
         .add_(torch.matmul(dKK + dKK.mT, k))
         .addcmul_(dKd, kdecay[..., None])
         .addcmul_(dKb, (beta * decay)[..., None])
     )
     dkb_k = torch.linalg.vecdot(dKb, k)
     dbeta = torch.linalg.vecdot(dVb, v).addcmul_(dkb_k, decay).add_(torch.linalg.vecdot(dA, KL))
-    dv = dVb.mul_(beta[..., None])
+    dv = torch.mul(dVb, beta[..., None], out=out_v)
 
     # log-decay: every factor exp(x) contributes d/dx = grad * value
     dLL = (dP * P).addcmul_(dAbeta, KL)  # dL * L
@@ -380,17 +385,17 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
     def forward(ctx, q, k, v, gam, beta, scale, state, segment):
         num_chunks, rows, chunk, _ = q.shape
         tiles = _tiles(num_chunks, rows, chunk, max(q.shape[-1], v.shape[-1]))
-        outputs, saved = [], []
+        o = v.new_empty(v.shape)  # every tile writes its slice
+        saved = []
         for tile in tiles:
             tile_segment = None if segment is None else segment[tile]
-            o, state, tile_saved = _chunk_forward(
-                q[tile], k[tile], v[tile], gam[tile], beta[tile], scale, state, tile_segment, keep=True
-            )
-            outputs.append(o)
+            state, tile_saved = _chunk_forward(
+                q[tile], k[tile], v[tile], gam[tile], beta[tile], scale, state, tile_segment, keep=True, out=o[tile]
+            )[1:]
             saved.extend(tile_saved)
         ctx.save_for_backward(*saved)
         ctx.scale, ctx.tiles = scale, tiles
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs), state
+        return o, state
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -398,16 +403,19 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         do = do.contiguous()
         saved = ctx.saved_tensors
         per_tile = len(saved) // len(ctx.tiles)
-        tile_grads = [None] * len(ctx.tiles)
+        q, k, v = saved[:3]  # the first tile's: for the trailing shapes
+        dq, dk, dv = (do.new_empty(do.shape[0], *x.shape[1:]) for x in (q, k, v))  # every tile writes its slice
+        gate_grads = [None] * len(ctx.tiles)  # dgam, dbeta per tile: small, joined at the end
         dstate = dfinal
         with torch.autocast(device_type=do.device.type, enabled=False):  # float32, like the forward
             for index in range(len(ctx.tiles) - 1, -1, -1):
+                tile = ctx.tiles[index]
                 tile_saved = saved[index * per_tile : (index + 1) * per_tile]
-                dq, dk, dv, dgam, dbeta, dstate = _chunk_backward(do[ctx.tiles[index]], dstate, ctx.scale, tile_saved)
-                tile_grads[index] = (dq, dk, dv, dgam, dbeta)
-        # gradients of q, k, v, gam, beta over all chunks
-        grads = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*tile_grads, strict=True)]
-        dq, dk, dv, dgam, dbeta = grads
+                *_, dgam, dbeta, dstate = _chunk_backward(
+                    do[tile], dstate, ctx.scale, tile_saved, out=(dq[tile], dk[tile], dv[tile])
+                )
+                gate_grads[index] = (dgam, dbeta)
+        dgam, dbeta = (torch.cat(parts) for parts in zip(*gate_grads, strict=True))
         return dq, dk, dv, dgam, dbeta, None, dstate, None
 
 
