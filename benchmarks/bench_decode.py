@@ -10,6 +10,7 @@ the keys and values of Llama's `DynamicCache`.
     python benchmarks/bench_decode.py            # contexts 256, 1024, 4096, 16384 (several minutes)
     python benchmarks/bench_decode.py --quick    # smoke run, < 60 s
     python benchmarks/bench_decode.py --batch 16 --contexts 8192 --archs qwen3-next-style   # batched decoding
+    python benchmarks/bench_decode.py --size tiny --vocab 4096 --archs qwen3-next-style,transformer   # quickstart's
 
 With `--batch N`, N sequences (different random prompts) are prefilled and decoded together; the table then also
 gives tokens/s (N tokens per step).
@@ -87,11 +88,11 @@ def decode_ms(model: nn.Module, cache, steps: int, clock: str, batch: int = 1) -
     return times
 
 
-def build_models(archs: list[str], vocab: int, max_length: int) -> dict[str, nn.Module]:
+def build_models(archs: list[str], vocab: int, max_length: int, size: str = "small") -> dict[str, nn.Module]:
     shape = dict(vocab_size=vocab, max_position_embeddings=max_length + 1024)
     torch.manual_seed(0)
-    models = {name: HybridForCausalLM(zoo_config(name, "small", **shape)).eval() for name in archs}
-    small = zoo_config("transformer", "small", **shape)
+    models = {name: HybridForCausalLM(zoo_config(name, size, **shape)).eval() for name in archs}
+    small = zoo_config("transformer", size, **shape)
     llama_shape = dict(
         vocab_size=vocab,
         hidden_size=small.hidden_size,
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=str, default=None, help="comma-separated prefill lengths")
     parser.add_argument("--archs", type=str, default=None, help="comma-separated zoo architectures (default: all)")
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--size", type=str, default="small", help="zoo size (the quickstart's: tiny, with --vocab 4096)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per context (default 32)")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward")
     parser.add_argument("--prefill-threads", type=int, default=None, help="threads for the untimed prefill")
@@ -127,8 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     prefill_threads = args.prefill_threads or args.threads
 
     info = machine_info(args.threads, args.clock)
-    print_header(f"Decoding: ms per step and cache bytes after a prefill, batch {args.batch}, fp32", info)
-    models = build_models(archs, args.vocab, max(contexts))
+    print_header(
+        f"Decoding: ms per step and cache bytes after a prefill, zoo size {args.size}, vocab {args.vocab}, "
+        f"batch {args.batch}, fp32",
+        info,
+    )
+    models = build_models(archs, args.vocab, max(contexts), args.size)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(2, args.vocab, (args.batch, max(contexts)), generator=generator)
     ms: dict[str, dict[int, float]] = {name: {} for name in models}
