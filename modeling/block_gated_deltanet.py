@@ -195,17 +195,19 @@ class HybridGatedDeltaNet(HybridBlock):
         taps = kept.conv_taps if kept.conv_taps.dtype == window.dtype else kept.conv_taps.to(window.dtype)
         conv = F.silu((window * taps).sum(1))  # [B, conv_dim]
         # q / sqrt(Dk (|q|^2 + eps)) and k / sqrt(|k|^2 + eps): l2_normalize, and q's attention scale, in one rsqrt
-        qk = conv[:, : 2 * self.key_dim].reshape(batch, 2, self.num_k_heads, dk).float()
+        math_dtype = recurrent_state.dtype  # float32 (float64 for a float64 model), as `forward`'s state
+        qk = conv[:, : 2 * self.key_dim].reshape(batch, 2, self.num_k_heads, dk).to(math_dtype)
         squares = torch.linalg.vecdot(qk, qk)  # [B, 2, Hk]
         qk = qk * torch.addcmul(kept.qk_eps, squares, kept.qk_scale).rsqrt_().unsqueeze(-1)
         # one gather lays out (k, q) per value head, GVA's sharing included: [B, 2 Hk, Dk] -> [B Hv, 2, Dk]
         kq = qk.reshape(batch, 2 * self.num_k_heads, dk).index_select(1, kept.kq_heads).view(batch * heads, 2, dk)
         key, query = kq[:, :1], kq[:, 1:]  # [B Hv, 1, Dk]
-        value = conv[:, 2 * self.key_dim :].reshape(batch * heads, 1, dv).float()
-        beta = torch.sigmoid(b.float()).reshape(batch * heads, 1, 1)
+        value = conv[:, 2 * self.key_dim :].reshape(batch * heads, 1, dv).to(math_dtype)
+        beta = torch.sigmoid(b.to(math_dtype)).reshape(batch * heads, 1, 1)
         if self.allow_neg_eigval:
             beta = beta * 2.0
-        alpha = torch.exp(kept.neg_decay_rate * F.softplus(a.float() + kept.dt_bias)).reshape(batch * heads, 1, 1)
+        alpha = torch.exp(kept.neg_decay_rate * F.softplus(a.to(math_dtype) + kept.dt_bias))
+        alpha = alpha.reshape(batch * heads, 1, 1)
         # S <- alpha S;  S <- S + k (beta (v - S^T k))^T;  o = S^T q, per value head, on [B Hv, Dk, Dv]
         matrix = recurrent_state.reshape(batch * heads, dk, dv) * alpha  # a new tensor: the cached one is not written
         update = (value - torch.bmm(key, matrix)).mul_(beta)  # [B Hv, 1, Dv]
@@ -259,6 +261,7 @@ class HybridGatedDeltaNet(HybridBlock):
             weights = tuple(w.detach() for w in weights)
             conv_weight, a_log, dt_bias = weights[-3:]
             dk, eps = self.head_k_dim, 1e-6  # eps of `l2_normalize`
+            gate_dtype = torch.promote_types(a_log.dtype, torch.float32)  # as `forward`: float32 at least
             # value head h reads q/k head h // (Hv / Hk): its k is row Hk + that of the [q heads | k heads] rows
             shared = torch.arange(self.num_v_heads) // (self.num_v_heads // self.num_k_heads)
             kq_heads = torch.stack([shared + self.num_k_heads, shared], dim=1).flatten()
@@ -267,10 +270,10 @@ class HybridGatedDeltaNet(HybridBlock):
                 weights=weights,
                 projection=torch.cat(weights[:-3]).t().contiguous() if fusable else None,
                 conv_taps=conv_weight[:, 0].t().contiguous(),
-                neg_decay_rate=-a_log.float().exp(),
-                dt_bias=dt_bias.float(),
-                qk_scale=torch.tensor([[float(dk)], [1.0]], device=a_log.device),
-                qk_eps=torch.tensor([[dk * eps], [eps]], device=a_log.device),
+                neg_decay_rate=-a_log.to(gate_dtype).exp(),
+                dt_bias=dt_bias.to(gate_dtype),
+                qk_scale=torch.tensor([[float(dk)], [1.0]], dtype=gate_dtype, device=a_log.device),
+                qk_eps=torch.tensor([[dk * eps], [eps]], dtype=gate_dtype, device=a_log.device),
                 kq_heads=kq_heads.to(a_log.device),
             )
         return kept
@@ -289,8 +292,8 @@ class _KeptTensors(NamedTuple):
     weights: tuple[torch.Tensor, ...]  # those weights, detached
     projection: torch.Tensor | None  # [hidden, 2 key_dim + 2 value_dim + 2 Hv]; None: wrapped projections
     conv_taps: torch.Tensor  # [K, 2 key_dim + value_dim]
-    neg_decay_rate: torch.Tensor  # -exp(A_log), float32
-    dt_bias: torch.Tensor  # float32
+    neg_decay_rate: torch.Tensor  # -exp(A_log), float32 at least
+    dt_bias: torch.Tensor  # float32 at least
     qk_scale: torch.Tensor  # [2, 1]: (Dk, 1), q's attention scale inside the rsqrt of the l2 norm
     qk_eps: torch.Tensor  # [2, 1]: (Dk eps, eps)
     kq_heads: torch.Tensor  # [2 Hv]: rows of `[q heads | k heads]` giving (k, q) for each value head in turn
