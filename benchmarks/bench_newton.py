@@ -189,6 +189,23 @@ def quasi_deer_lstm(args, lengths) -> list[list[str]]:
     return rows
 
 
+def evaluation_call(cell, inputs, params, tile_elements: int = 1 << 16):
+    """One evaluation of the cell with its Jacobian at every position (no autograd), in time tiles of ~64k elements as
+    the solver evaluates it: the unit of Newton's work. With ~3 iterations the solver needs at least 5 of them (the
+    initial guess, 3 iterations, the convergence check) before its scans and its backward pass, so
+    `sequential / (5 x evaluation)` bounds the speed-up Newton can reach on this machine at this shape."""
+    batch, length, _, hidden = inputs.shape
+    state = torch.zeros((batch, length, *cell.state_shape(inputs)))
+    tile = max(1, tile_elements // (batch * hidden))
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            for start in range(0, length, tile):
+                cell.step(state[:, start : start + tile], inputs[:, start : start + tile], params, True)
+
+    return evaluate
+
+
 def train_calls(cell, inputs, params, grad, lstm: nn.LSTM, lstm_x, lstm_grad) -> dict:
     def newton() -> None:
         leaves = [inputs.detach().requires_grad_(), *(p.detach().requires_grad_() for p in params)]
@@ -239,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
                 for call in calls.values():  # warm-up
                     call()
                 seconds = best_of(calls, repeats, args.clock)
+                evaluation = best_of({"evaluation": evaluation_call(cell, inputs, params)}, repeats, args.clock)
+                bound = seconds["sequential"] / (5 * evaluation["evaluation"])
                 stats = NewtonStats()
                 with torch.no_grad():
                     newton_recurrence(cell, inputs, tuple(params), stats=stats)
@@ -251,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
                         f"{seconds['sequential'] / seconds['newton']:.2f}x",
                         f"{seconds['torch.nn.LSTM'] / seconds['newton']:.2f}x",
                         str(stats.iterations),
+                        f"{1000 * evaluation['evaluation']:.1f}",
+                        f"{bound:.1f}x",
                     ]
                 )
                 results.append(
@@ -260,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
                         "hidden": hidden,
                         "length": length,
                         "seconds": seconds,
+                        "evaluation_seconds": evaluation["evaluation"],
+                        "speedup_bound": bound,
                         "iterations": stats.iterations,
                         "residual": stats.residual,
                     }
@@ -274,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         "newton speed-up vs sequential",
         "newton speed-up vs nn.LSTM",
         "Newton iterations",
+        "one cell evaluation ms",
+        "bound: sequential / 5 evaluations",
     ]
     print()
     print(markdown_table(headers, rows))
@@ -306,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
             speedup = r["seconds"]["sequential"] / r["seconds"]["newton"]
             label = f"newton / sequential speed-up, {r['cell']} B={r['batch']} H={r['hidden']} T={target_length}"
             print(ratio_line(label, speedup, ">= 5x", speedup >= 5))
+            print(f"  (bound at this shape: {r['speedup_bound']:.1f}x = sequential / 5 cell evaluations)")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ class HybridGatedDeltaNet(HybridBlock):
                    is_int_or_none, "must be an integer or None", default_from="linear_key_head_dim"),
         BlockField("linear_conv_kernel_dim", 4, "width of the causal depthwise conv", is_positive_int,
                    "must be a positive integer"),
-        BlockField("linear_chunk_size", None, "chunk length of the parallel form (None: 32 on CPU, 64 on GPU)",
+        BlockField("linear_chunk_size", None,
+                   "chunk length of the parallel form (None: 64 on GPU; on CPU 16 for heads up to 32 wide, else 32)",
                    is_positive_int_or_none, "must be a positive integer or None"),
         BlockField("linear_allow_neg_eigval", False, "beta in (0, 2) instead of (0, 1): negative eigenvalues",
                    is_bool, "must be True or False"),
@@ -151,13 +152,11 @@ class HybridGatedDeltaNet(HybridBlock):
         qkv, z, b, a = self._project(hidden_states)
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
         qkv = F.silu(qkv)
-        query, key, value = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        query = l2_normalize(query.reshape(batch, length, self.num_k_heads, self.head_k_dim))
-        key = l2_normalize(key.reshape(batch, length, self.num_k_heads, self.head_k_dim))
-        value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
-        if self.num_v_heads > self.num_k_heads:
-            query = query.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
-            key = key.repeat_interleave(self.num_v_heads // self.num_k_heads, dim=2)
+        # q and k normalised as one tensor (half the small ops); grouped value heads are served by the kernel, which
+        # repeats q/k heads inside its copy into chunk layout
+        query_key = l2_normalize(qkv[..., : 2 * self.key_dim].reshape(batch, length, 2, self.num_k_heads, -1))
+        query, key = query_key.unbind(2)
+        value = qkv[..., 2 * self.key_dim :].reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
         gate_dtype = torch.promote_types(b.dtype, torch.float32)  # float32 at least; float64 stays float64
         beta = torch.sigmoid(b.to(gate_dtype))

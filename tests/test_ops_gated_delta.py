@@ -181,14 +181,42 @@ def test_dispatcher_on_cpu(length):
     o, state = gated_delta_rule(q, k, v, g, beta, initial_state=h0)
     if length <= ops.RECURRENT_MAX_LEN:
         o_expected, state_expected = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
-    else:  # the CPU default chunk is 32
-        o_expected, state_expected = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, chunk_size=32)
+    else:  # the CPU default chunk for these heads
+        chunk = ops.default_chunk_size(k.shape[-1], v.shape[-1], cuda=False)
+        o_expected, state_expected = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, chunk_size=chunk)
     assert torch.equal(o, o_expected) and torch.equal(state, state_expected)
     o_naive, state_naive = naive_recurrent_gated_delta_rule(
         *[x.double() for x in inputs[:5]], initial_state=h0.double()
     )
     torch.testing.assert_close(o.double(), o_naive, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(state.double(), state_naive, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [3, 45])  # the token loop and the chunked form
+def test_grouped_value_heads(length):
+    """q/k with fewer heads than v (each serving H/Hk consecutive value heads) equal the naive loop on q/k repeated by
+    hand, outputs and gradients (the q/k gradients summed over the value heads they serve), with resets."""
+    q, k, v, g, beta, h0 = make_inputs(length, heads=6)
+    q, k = q[:, :, :2], k[:, :, :2]  # 2 q/k heads for 6 value heads
+    reset = torch.zeros(B, length, dtype=torch.bool)
+    reset[0, length // 2] = True
+
+    def repeated_by_hand(q, k, *rest, **kwargs):
+        return naive_recurrent_gated_delta_rule(q.repeat_interleave(3, 2), k.repeat_interleave(3, 2), *rest, **kwargs)
+
+    expected = outputs_and_grads(repeated_by_hand, [q, k, v, g, beta, h0], reset=reset)
+    for fn in (gated_delta_rule, chunk_fn(16)):
+        assert_same(outputs_and_grads(fn, [q, k, v, g, beta, h0], reset=reset), expected)
+    with pytest.raises(ValueError, match="not a multiple"):
+        gated_delta_rule(q[:, :, :1].expand(-1, -1, 4, -1), k[:, :, :1].expand(-1, -1, 4, -1), v, g, beta)
+
+
+def test_default_chunk_size():
+    # narrow heads take short chunks on CPU; GPU keeps fla's 64
+    assert ops.default_chunk_size(16, 16, cuda=False) == 16
+    assert ops.default_chunk_size(32, 64, cuda=False) == 32
+    assert ops.default_chunk_size(128, 128, cuda=False) == 32
+    assert ops.default_chunk_size(16, 16, cuda=True) == 64
 
 
 def test_dtypes_and_scale():
