@@ -64,3 +64,10 @@ def test_kept_projection_weight_follows_weight_changes():
     torch.testing.assert_close(step_output(), reference())
     block.a_proj.weight.data = torch.randn_like(block.a_proj.weight)  # swapped storage, like module.to()
     torch.testing.assert_close(step_output(), reference())
+    # the kept conv taps and decay constants follow their parameters too
+    with torch.no_grad():
+        block.A_log.add_(0.5)
+        block.dt_bias.mul_(-1.0)
+    torch.testing.assert_close(step_output(), reference())
+    block.conv1d.weight.data = torch.randn_like(block.conv1d.weight)
+    torch.testing.assert_close(step_output(), reference())
