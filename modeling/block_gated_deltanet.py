@@ -154,9 +154,10 @@ class HybridGatedDeltaNet(HybridBlock):
         qkv = F.silu(qkv)
         # q and k normalised as one tensor (half the small ops); grouped value heads are served by the kernel, which
         # repeats q/k heads inside its copy into chunk layout
-        query_key = l2_normalize(qkv[..., : 2 * self.key_dim].reshape(batch, length, 2, self.num_k_heads, -1))
-        query, key = query_key.unbind(2)
-        value = qkv[..., 2 * self.key_dim :].reshape(batch, length, self.num_v_heads, self.head_v_dim)
+        # `split`, not two slices: a slice's backward zero-fills a full-width gradient, split's joins the pieces
+        query_key, value = qkv.split([2 * self.key_dim, self.value_dim], dim=-1)
+        query, key = l2_normalize(query_key.reshape(batch, length, 2, self.num_k_heads, -1)).unbind(2)
+        value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 
         gate_dtype = torch.promote_types(b.dtype, torch.float32)  # float32 at least; float64 stays float64
         beta = torch.sigmoid(b.to(gate_dtype))

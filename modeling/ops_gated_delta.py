@@ -250,6 +250,7 @@ def _chunk_forward(
     state: torch.Tensor,
     segment: torch.Tensor | None,
     keep: bool,
+    out: torch.Tensor | None = None,
 ):
     """Chunk-layout forward. q, k `[N, BH, C, Dk]`; v `[N, BH, C, Dv]`; gam, beta `[N, BH, C]`;
     state `[BH, Dk, Dv]`; segment `[N, BH, C]` (document index within the chunk) or None.
@@ -286,7 +287,7 @@ def _chunk_forward(
         states = torch.empty(num_chunks + 1, bh, dk, dv, dtype=q.dtype, device=q.device)
         states[0] = state
     new_v = torch.empty_like(U)
-    o = torch.empty_like(U)
+    o = torch.empty_like(U) if out is None else out
     # the sequential part: four small matmuls per chunk, written into preallocated outputs
     for n in range(num_chunks):
         torch.baddbmm(U[n], W[n], state, alpha=-1.0, out=new_v[n])
@@ -301,8 +302,11 @@ def _chunk_forward(
     return o, state, (q, k, v, beta, L, KL, Tinv, U, W, P, decay, kdecay, carry, states, new_v)
 
 
-def _chunk_backward(do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, saved):
-    """Gradients of `_chunk_forward` w.r.t. q, k, v, gam, beta and the initial state."""
+def _chunk_backward(
+    do: torch.Tensor, dfinal: torch.Tensor | None, scale: float, saved, out: tuple[torch.Tensor, ...] | None = None
+):
+    """Gradients of `_chunk_forward` w.r.t. q, k, v, gam, beta and the initial state; those of q, k, v written into
+    `out` when given (a tile's slices of the whole gradients)."""
     q, k, v, beta, L, KL, Tinv, U, W, P, decay, kdecay, carry, states, new_v = saved
     num_chunks = q.shape[0]
     Qd_t = (q * (decay * scale)[..., None]).mT
@@ -337,16 +341,17 @@ def _chunk_backward(do: torch.Tensor, dfinal: torch.Tensor | None, scale: float,
     dPL = (dP * L).mul_(scale)
     dAbeta = dA * beta[..., :, None]
     dKK = dAbeta * L
-    dq = torch.matmul(dPL, k).addcmul_(dQd, (decay * scale)[..., None])
+    out_q, out_k, out_v = (None, None, None) if out is None else out
+    dq = torch.matmul(dPL, k, out=out_q).addcmul_(dQd, (decay * scale)[..., None])
     dk = (
-        torch.matmul(dPL.mT, q)
+        torch.matmul(dPL.mT, q, out=out_k)
         .add_(torch.matmul(dKK + dKK.mT, k))
         .addcmul_(dKd, kdecay[..., None])
         .addcmul_(dKb, (beta * decay)[..., None])
     )
     dkb_k = torch.linalg.vecdot(dKb, k)
     dbeta = torch.linalg.vecdot(dVb, v).addcmul_(dkb_k, decay).add_(torch.linalg.vecdot(dA, KL))
-    dv = dVb.mul_(beta[..., None])
+    dv = torch.mul(dVb, beta[..., None], out=out_v)
 
     # log-decay: every factor exp(x) contributes d/dx = grad * value
     dLL = (dP * P).addcmul_(dAbeta, KL)  # dL * L
@@ -357,22 +362,60 @@ def _chunk_backward(do: torch.Tensor, dfinal: torch.Tensor | None, scale: float,
     return dq, dk, dv, dgam, dbeta, dstate
 
 
+# Elements per [C, D]-sized tensor of one tile of the training scan (512 KiB in float32, one core's L2 cache here).
+# The sequence is processed tile after tile with the state carried across, so each tile's C x C factors,
+# pseudo-values and states are reused from cache and from the allocator instead of being page-faulted in as
+# [T, D]-sized temporaries. Forward + backward, 1 thread: D = 64, 8 heads: T = 2048 99.8 -> 74.0 ms, T = 8192
+# 407 -> 287 ms; D = 128, 2 x 4 heads, T = 2048: 185 -> 158 ms; measured best of 2^16-2^19 and of no tiling.
+TILE_ELEMENTS = 1 << 17
+
+
+def _tiles(num_chunks: int, rows: int, chunk: int, dim: int) -> list[slice]:
+    """Slices of the chunk axis, each about `TILE_ELEMENTS` per `[rows, chunk, dim]`-shaped tensor."""
+    per_tile = max(1, TILE_ELEMENTS // (rows * chunk * dim))
+    return [slice(start, start + per_tile) for start in range(0, num_chunks, per_tile)]
+
+
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     """The chunk scan with a hand-written backward: 10-30% faster on CPU than autograd through the same loop
-    (measured at T = 2048-4096, D = 64-128), and it keeps fewer intermediates alive."""
+    (measured at T = 2048-4096, D = 64-128), and it keeps fewer intermediates alive. Runs in tiles of chunks
+    (`TILE_ELEMENTS`; inputs are `[N, BH, C, ...]`, so a tile is a contiguous slice)."""
 
     @staticmethod
     def forward(ctx, q, k, v, gam, beta, scale, state, segment):
-        o, final, saved = _chunk_forward(q, k, v, gam, beta, scale, state, segment, keep=True)
+        num_chunks, rows, chunk, _ = q.shape
+        tiles = _tiles(num_chunks, rows, chunk, max(q.shape[-1], v.shape[-1]))
+        o = v.new_empty(v.shape)  # every tile writes its slice
+        saved = []
+        for tile in tiles:
+            tile_segment = None if segment is None else segment[tile]
+            state, tile_saved = _chunk_forward(
+                q[tile], k[tile], v[tile], gam[tile], beta[tile], scale, state, tile_segment, keep=True, out=o[tile]
+            )[1:]
+            saved.extend(tile_saved)
         ctx.save_for_backward(*saved)
-        ctx.scale = scale
-        return o, final
+        ctx.scale, ctx.tiles = scale, tiles
+        return o, state
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dfinal):
+        do = do.contiguous()
+        saved = ctx.saved_tensors
+        per_tile = len(saved) // len(ctx.tiles)
+        q, k, v = saved[:3]  # the first tile's: for the trailing shapes
+        dq, dk, dv = (do.new_empty(do.shape[0], *x.shape[1:]) for x in (q, k, v))  # every tile writes its slice
+        gate_grads = [None] * len(ctx.tiles)  # dgam, dbeta per tile: small, joined at the end
+        dstate = dfinal
         with torch.autocast(device_type=do.device.type, enabled=False):  # float32, like the forward
-            dq, dk, dv, dgam, dbeta, dstate = _chunk_backward(do.contiguous(), dfinal, ctx.scale, ctx.saved_tensors)
+            for index in range(len(ctx.tiles) - 1, -1, -1):
+                tile = ctx.tiles[index]
+                tile_saved = saved[index * per_tile : (index + 1) * per_tile]
+                *_, dgam, dbeta, dstate = _chunk_backward(
+                    do[tile], dstate, ctx.scale, tile_saved, out=(dq[tile], dk[tile], dv[tile])
+                )
+                gate_grads[index] = (dgam, dbeta)
+        dgam, dbeta = (torch.cat(parts) for parts in zip(*gate_grads, strict=True))
         return dq, dk, dv, dgam, dbeta, None, dstate, None
 
 

@@ -211,6 +211,18 @@ def test_grouped_value_heads(length):
         gated_delta_rule(q[:, :, :1].expand(-1, -1, 4, -1), k[:, :, :1].expand(-1, -1, 4, -1), v, g, beta)
 
 
+@pytest.mark.parametrize("tile_elements", [1, 3 * B * H * 8 * DV])  # one chunk per tile; three (the last one short)
+def test_chunked_in_tiles(monkeypatch, tile_elements):
+    """The training scan cut into tiles of chunks (state and its gradient carried from tile to tile) equals the naive
+    loop, outputs and gradients, across document resets and a ragged last chunk."""
+    monkeypatch.setattr(ops, "TILE_ELEMENTS", tile_elements)
+    inputs = make_inputs(61)  # 8 chunks of 8, the last one 5 long
+    reset = torch.zeros(B, 61, dtype=torch.bool)
+    reset[0, 20] = reset[1, 33] = True
+    expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs, reset=reset)
+    assert_same(outputs_and_grads(chunk_fn(8), inputs, reset=reset), expected)
+
+
 def test_default_chunk_size():
     # narrow heads take short chunks on CPU; GPU keeps fla's 64
     assert ops.default_chunk_size(16, 16, cuda=False) == 16
