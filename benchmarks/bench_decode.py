@@ -1,15 +1,17 @@
 """Decoding: ms per generated token and cache bytes after prefilling 256 ... 16k tokens, per zoo architecture.
 
-Each model (the zoo's "small" shape: hidden 256, 8 layers, vocab 32000, fp32, batch 1) and a `LlamaForCausalLM`
-of the same width, depth and parameter count is prefilled in chunks (`--prefill-chunk` tokens per forward, untimed)
-up to each context length in turn. At every length a copy of the cache decodes `--steps` single tokens through the
-model's own forward with the cache (what `generate()` calls each step, without its sampling bookkeeping);
-each step is timed and the median is reported. Cache bytes: `HybridCache.state_bytes()` (recurrent states + KV) and
-the keys and values of Llama's `DynamicCache`.
+Each model (the zoo's "small" shape unless `--size`: hidden 256, 8 layers, vocab 32000, fp32, batch 1) and a
+`LlamaForCausalLM` of the same width, depth and parameter count is prefilled in chunks (`--prefill-chunk` tokens per
+forward, untimed) up to each context length in turn. At every length a copy of the cache decodes `--steps` single
+tokens through the model's own forward with the cache (what `generate()` calls each step, without its sampling
+bookkeeping); each step is timed and the median is reported (with `--repeats R`, the smallest median of R runs, the
+models taking turns). Cache bytes: `HybridCache.state_bytes()` (recurrent states + KV) and the keys and values of
+Llama's `DynamicCache`.
 
     python benchmarks/bench_decode.py            # contexts 256, 1024, 4096, 16384 (several minutes)
     python benchmarks/bench_decode.py --quick    # smoke run, < 60 s
     python benchmarks/bench_decode.py --batch 16 --contexts 8192 --archs qwen3-next-style   # batched decoding
+    python benchmarks/bench_decode.py --size tiny --vocab 4096 --archs qwen3-next-style,transformer   # quickstart's
 
 With `--batch N`, N sequences (different random prompts) are prefilled and decoded together; the table then also
 gives tokens/s (N tokens per step).
@@ -87,11 +89,11 @@ def decode_ms(model: nn.Module, cache, steps: int, clock: str, batch: int = 1) -
     return times
 
 
-def build_models(archs: list[str], vocab: int, max_length: int) -> dict[str, nn.Module]:
+def build_models(archs: list[str], vocab: int, max_length: int, size: str = "small") -> dict[str, nn.Module]:
     shape = dict(vocab_size=vocab, max_position_embeddings=max_length + 1024)
     torch.manual_seed(0)
-    models = {name: HybridForCausalLM(zoo_config(name, "small", **shape)).eval() for name in archs}
-    small = zoo_config("transformer", "small", **shape)
+    models = {name: HybridForCausalLM(zoo_config(name, size, **shape)).eval() for name in archs}
+    small = zoo_config("transformer", size, **shape)
     llama_shape = dict(
         vocab_size=vocab,
         hidden_size=small.hidden_size,
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts", type=str, default=None, help="comma-separated prefill lengths")
     parser.add_argument("--archs", type=str, default=None, help="comma-separated zoo architectures (default: all)")
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--size", type=str, default="small", help="zoo size (quickstart's: tiny, --vocab 4096)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps per context (default 32)")
     parser.add_argument("--prefill-chunk", type=int, default=2048, help="tokens per prefill forward")
     parser.add_argument("--prefill-threads", type=int, default=None, help="threads for the untimed prefill")
@@ -127,24 +130,31 @@ def main(argv: list[str] | None = None) -> None:
     prefill_threads = args.prefill_threads or args.threads
 
     info = machine_info(args.threads, args.clock)
-    print_header(f"Decoding: ms per step and cache bytes after a prefill, batch {args.batch}, fp32", info)
-    models = build_models(archs, args.vocab, max(contexts))
+    print_header(
+        f"Decoding: ms per step and cache bytes after a prefill, zoo size {args.size}, vocab {args.vocab}, "
+        f"batch {args.batch}, fp32",
+        info,
+    )
+    models = build_models(archs, args.vocab, max(contexts), args.size)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(2, args.vocab, (args.batch, max(contexts)), generator=generator)
+    repeats = args.repeats or 1
     ms: dict[str, dict[int, float]] = {name: {} for name in models}
     nbytes: dict[str, dict[int, int]] = {name: {} for name in models}
-    for name, model in models.items():
-        cache, seen = new_cache(model), 0
-        for context in contexts:
-            torch.set_num_threads(prefill_threads)
-            cache = prefill(model, cache, tokens[:, seen:context], args.prefill_chunk)
-            seen = context
-            nbytes[name][context] = cache_bytes(cache)
-            torch.set_num_threads(args.threads)
-            decode_ms(model, copy.deepcopy(cache), 2, args.clock, args.batch)  # warm-up
-            times = decode_ms(model, copy.deepcopy(cache), steps, args.clock, args.batch)
-            ms[name][context] = statistics.median(times)
-        print(f"  {name}: " + ", ".join(f"{c}: {ms[name][c]:.2f} ms" for c in contexts), flush=True)
+    caches, seen = {name: new_cache(model) for name, model in models.items()}, 0
+    for context in contexts:
+        torch.set_num_threads(prefill_threads)
+        for name, model in models.items():
+            caches[name] = prefill(model, caches[name], tokens[:, seen:context], args.prefill_chunk)
+            nbytes[name][context] = cache_bytes(caches[name])
+        seen = context
+        torch.set_num_threads(args.threads)
+        for _ in range(repeats):  # models round-robin, so that a slow phase of a shared machine hits all alike
+            for name, model in models.items():
+                decode_ms(model, copy.deepcopy(caches[name]), 2, args.clock, args.batch)  # warm-up
+                times = decode_ms(model, copy.deepcopy(caches[name]), steps, args.clock, args.batch)
+                ms[name][context] = min(ms[name].get(context, float("inf")), statistics.median(times))
+        print(f"  ctx {context}: " + ", ".join(f"{name} {ms[name][context]:.2f} ms" for name in models), flush=True)
 
     unit = "ms/token" if args.batch == 1 else f"ms/step ({args.batch} tokens), tok/s"
     headers = ["model", "params"] + [f"ctx {c}: {unit}" for c in contexts] + [f"cache @ {contexts[-1]}"]
@@ -163,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(markdown_table(headers, rows))
     print(
-        f"\nmedian of {steps} decode steps per cell; prefill chunk {args.prefill_chunk}; "
+        f"\nmedian of {steps} decode steps per cell, best of {repeats} round-robin repeat(s); "
+        f"prefill chunk {args.prefill_chunk}; "
         f"load average at the end {load_average()}\n"
     )
     write_json(
@@ -181,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     for name in ms:
         # the recurrent architectures: a cache that does not grow with the context
-        if name != LLAMA and len(contexts) > 1 and nbytes[name][last] == nbytes[name][reference]:
+        if name != LLAMA and last != reference and nbytes[name][last] == nbytes[name][reference]:
             growth = ms[name][last] / ms[name][reference]
             print(ratio_line(f"{name} ms/token ctx {last} / ctx {reference}", growth, "<= 1.15x", growth <= 1.15))
     if "qwen3-next-style" in ms:

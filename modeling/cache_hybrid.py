@@ -64,16 +64,20 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
     def get_state(self) -> tuple[torch.Tensor, ...] | None:
         if not self.number_of_states:
             return None
-        return tuple(self.recurrent_states[i] for i in range(self.number_of_states))
+        return tuple(self.recurrent_states.values())  # keys 0 .. n-1, in order
 
     def set_state(self, state: tuple[torch.Tensor, ...]) -> None:
         if self.number_of_states != len(state):
             super().__init__(number_of_states=len(state))
+        states = self.recurrent_states
         for i, tensor in enumerate(state):
-            self.recurrent_states[i] = tensor
-            self.is_recurrent_states_initialized[i] = True
-            self.has_previous_state[i] = True
-        self.device, self.dtype = state[0].device, state[0].dtype
+            states[i] = tensor
+        if not self.has_previous_state[0] or self.device != state[0].device:  # first state, or after reset / a move
+            for i in range(len(state)):
+                self.is_recurrent_states_initialized[i] = True
+                self.has_previous_state[i] = True
+            self.device = state[0].device
+        self.dtype = state[0].dtype
 
     def _map_states(self, fn) -> None:
         for i in range(self.number_of_states):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 import transformers.initialization as init
 from torch import nn
+from torch.nn import functional as F
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
@@ -55,6 +56,12 @@ class HybridRMSNorm(nn.Module):
             init.zeros_(self.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype == self.weight.dtype == torch.float32:
+            # the same ops in the same order as below, dispatched from C++: bitwise the same values and gradients in
+            # fewer Python steps (decoding a small model is bound by per-op overhead)
+            weight = (1.0 + self.weight) if self.zero_centered else self.weight
+            hidden_states = F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
+            return hidden_states if self.bias is None else hidden_states + self.bias
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)  # float32 even for float64 inputs, as transformers' norms
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -78,6 +85,10 @@ class HybridRMSNormGated(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype == gate.dtype == self.weight.dtype == torch.float32:
+            # as in `HybridRMSNorm`: the ops below in the same order from C++, bitwise the same values and gradients
+            weight = self.weight
+            return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon) * F.silu(gate)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)

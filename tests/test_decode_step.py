@@ -25,6 +25,25 @@ def test_decode_step_equals_forward(neg_eigval):
     torch.testing.assert_close(state[1], full_matrix, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_decode_step_equals_forward_in_other_dtypes(dtype):
+    """float64 keeps float64 throughout (the step used to mix in float32 and fail); bfloat16 rounds as `forward`."""
+    torch.manual_seed(0)
+    block = HybridGatedDeltaNet(tiny_config("G", linear_num_value_heads=8)).eval().to(dtype)
+    x = torch.randn(2, 6, 32, dtype=dtype)
+    with torch.no_grad():
+        full, (full_conv, full_matrix) = block(x)
+        first, state = block(x[:, :4])
+        pieces = [first]
+        for t in range(4, 6):
+            y, state = block(x[:, t : t + 1], state)
+            pieces.append(y)
+    assert state[1].dtype == full_matrix.dtype
+    tolerance = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, **tolerance)
+    torch.testing.assert_close(state[1], full_matrix, **tolerance)
+
+
 def test_kept_projection_weight_follows_weight_changes():
     torch.manual_seed(0)
     block = HybridGatedDeltaNet(tiny_config("G")).eval()
@@ -44,4 +63,11 @@ def test_kept_projection_weight_follows_weight_changes():
         block.v_proj.weight.mul_(2.0)  # in place, like an optimizer step
     torch.testing.assert_close(step_output(), reference())
     block.a_proj.weight.data = torch.randn_like(block.a_proj.weight)  # swapped storage, like module.to()
+    torch.testing.assert_close(step_output(), reference())
+    # the kept conv taps and decay constants follow their parameters too
+    with torch.no_grad():
+        block.A_log.add_(0.5)
+        block.dt_bias.mul_(-1.0)
+    torch.testing.assert_close(step_output(), reference())
+    block.conv1d.weight.data = torch.randn_like(block.conv1d.weight)
     torch.testing.assert_close(step_output(), reference())
