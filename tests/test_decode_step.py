@@ -8,19 +8,24 @@ from hybridzoo.modeling.block_gated_deltanet import HybridGatedDeltaNet
 from tiny_models import tiny_config
 
 
+def full_and_stepped(block: HybridGatedDeltaNet, x: torch.Tensor, prompt: int):
+    """The block over all of `x` at once, and over `x[:, :prompt]` then one token at a time (the decode step)."""
+    with torch.no_grad():
+        full, full_state = block(x)
+        first, state = block(x[:, :prompt])
+        pieces = [first]
+        for t in range(prompt, x.shape[1]):
+            y, state = block(x[:, t : t + 1], state)
+            pieces.append(y)
+    return (full, full_state), (torch.cat(pieces, dim=1), state)
+
+
 @pytest.mark.parametrize("neg_eigval", [False, True])
 def test_decode_step_equals_forward(neg_eigval):
     torch.manual_seed(0)
     block = HybridGatedDeltaNet(tiny_config("G", linear_allow_neg_eigval=neg_eigval)).eval()
-    x = torch.randn(3, 7, 32)
-    with torch.no_grad():
-        full, (full_conv, full_matrix) = block(x)
-        first, state = block(x[:, :4])
-        pieces = [first]
-        for t in range(4, 7):
-            y, state = block(x[:, t : t + 1], state)
-            pieces.append(y)
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-6, rtol=1e-5)
+    (full, (full_conv, full_matrix)), (stepped, state) = full_and_stepped(block, torch.randn(3, 7, 32), prompt=4)
+    torch.testing.assert_close(stepped, full, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(state[0], full_conv)
     torch.testing.assert_close(state[1], full_matrix, atol=1e-6, rtol=1e-5)
 
@@ -31,16 +36,10 @@ def test_decode_step_equals_forward_in_other_dtypes(dtype):
     torch.manual_seed(0)
     block = HybridGatedDeltaNet(tiny_config("G", linear_num_value_heads=8)).eval().to(dtype)
     x = torch.randn(2, 6, 32, dtype=dtype)
-    with torch.no_grad():
-        full, (full_conv, full_matrix) = block(x)
-        first, state = block(x[:, :4])
-        pieces = [first]
-        for t in range(4, 6):
-            y, state = block(x[:, t : t + 1], state)
-            pieces.append(y)
+    (full, (_, full_matrix)), (stepped, state) = full_and_stepped(block, x, prompt=4)
     assert state[1].dtype == full_matrix.dtype
     tolerance = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, **tolerance)
+    torch.testing.assert_close(stepped, full, **tolerance)
     torch.testing.assert_close(state[1], full_matrix, **tolerance)
 
 
