@@ -205,7 +205,8 @@ def recurrent_gated_delta_rule(
 #   V' = U - W S                                                (the pseudo-values the chunk writes)
 #   O  = (Q * f exp(gam)) S + ((Q K^T) * L) V'
 #   S <- a S + (K * exp(gam_C - gam) * same_doc_as_last)^T V',         a = f_C exp(gam_C)
-# Only the last two lines are sequential over chunks; everything else is one batched op over all chunks.
+# Only the last two lines are sequential over chunks; everything else is one batched op over all chunks (over each
+# tile of chunks in training, see `TILE_ELEMENTS`).
 
 
 def _to_chunks(x: torch.Tensor, num_chunks: int, chunk: int, dtype: torch.dtype, repeat: int = 1) -> torch.Tensor:
@@ -439,7 +440,8 @@ def chunk_gated_delta_rule(
         scale: query scale, default `Dk ** -0.5`.
         initial_state: `[B, H, Dk, Dv]` or None (zeros).
         reset: `[B, T]` bool, True where the state is cleared before the token (document starts in packed rows).
-        chunk_size: tokens per chunk; T is padded internally with identity steps (see `default_chunk_size`).
+        chunk_size: tokens per chunk; T is padded internally with identity steps (the dispatcher `gated_delta_rule`
+            passes `default_chunk_size`).
 
     Returns:
         `o` `[B, T, H, Dv]` in `v.dtype` and the final state `[B, H, Dk, Dv]` (float32 / float64).
