@@ -475,8 +475,13 @@ def chunk_gated_delta_rule(
     )
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs):
         o, final = _ChunkGatedDeltaRule.apply(*inputs)
-    else:
-        o, final, _ = _chunk_forward(*inputs, keep=False)
+    else:  # inference (prefill): the same tiles, carrying only the running state
+        chunked, final, segment = inputs[:5], inputs[6], inputs[7]
+        o = chunked[2].new_empty(chunked[2].shape)
+        for tile in _tiles(num_chunks, batch * heads, chunk, max(dk, dv)):
+            tile_segment = None if segment is None else segment[tile]
+            tile_inputs = [x[tile] for x in chunked]
+            final = _chunk_forward(*tile_inputs, scale, final, tile_segment, keep=False, out=o[tile])[1]
     return _from_chunks(o, batch, heads, length).to(v.dtype), final.reshape(batch, heads, dk, dv)
 
 

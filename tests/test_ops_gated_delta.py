@@ -221,6 +221,10 @@ def test_chunked_in_tiles(monkeypatch, tile_elements):
     reset[0, 20] = reset[1, 33] = True
     expected = outputs_and_grads(naive_recurrent_gated_delta_rule, inputs, reset=reset)
     assert_same(outputs_and_grads(chunk_fn(8), inputs, reset=reset), expected)
+    with torch.no_grad():  # the inference path runs the same tiles, carrying only the state
+        o, state = chunk_gated_delta_rule(*inputs[:5], initial_state=inputs[5], reset=reset, chunk_size=8)
+    torch.testing.assert_close(o, expected[0], atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(state, expected[1], atol=1e-10, rtol=1e-8)
 
 
 def test_default_chunk_size():
