@@ -187,6 +187,11 @@ def test_swap_kl_equals_the_one_layer_student():
         ({"student_pattern": "GXA"}, "use the letters G"),
         ({"freeze": ["mlps"]}, "distill.freeze: unknown parts"),
         ({"select": "mse", "student_pattern": None}, "distill.select: the measured criterion is kl"),
+        # Mamba-2 students: the block comes from the pattern's letters, or from student_block with replace_layers
+        ({"student_block": "mamba2"}, "distill.student_block: with distill.student_pattern the letters"),
+        ({"student_pattern": None, "replace_layers": [0], "student_block": "lstm"},
+         "distill.student_block: 'lstm': use gated_deltanet or mamba2"),
+        ({"student_pattern": "DMA"}, "use the letters G .* D .* and A"),
     ],
 )
 def test_bad_distill_recipes_name_the_key(tmp_path, change, expected):

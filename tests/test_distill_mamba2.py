@@ -152,22 +152,6 @@ def test_swap_kl_with_mamba2_equals_the_one_layer_student():
 # ----------------------------------------------------------------------------------------------------------- recipes
 
 
-@pytest.mark.parametrize(
-    ("change", "expected"),
-    [
-        ({"student_block": "mamba2"}, "distill.student_block: with distill.student_pattern the letters"),
-        ({"student_pattern": None, "replace_layers": [0], "student_block": "lstm"},
-         "distill.student_block: 'lstm': use gated_deltanet or mamba2"),
-        ({"student_pattern": "DMA"}, "use the letters G .* D .* and A"),
-    ],
-)
-def test_bad_student_blocks_name_the_key(tmp_path, change, expected):
-    recipe = distill_recipe(tmp_path / "out", tmp_path, tmp_path / "cache")
-    recipe["distill"].update(change)
-    with pytest.raises(RecipeError, match=expected):
-        load_recipe(recipe)
-
-
 def test_mixed_pattern_builds_both_kinds_from_the_teacher(tmp_path):
     """`student_pattern: DGDA`: layers 0 and 2 Mamba-2, layer 1 Gated DeltaNet, layer 3 the teacher's attention, each
     new layer holding its own attention's weights."""
