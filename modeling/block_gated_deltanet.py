@@ -152,9 +152,8 @@ class HybridGatedDeltaNet(HybridBlock):
         qkv, z, b, a = self._project(hidden_states)
         qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
         qkv = F.silu(qkv)
-        # q and k normalised as one tensor (half the small ops); grouped value heads are served by the kernel, which
-        # repeats q/k heads inside its copy into chunk layout
-        # `split`, not two slices: a slice's backward zero-fills a full-width gradient, split's joins the pieces
+        # q and k normalised as one tensor (half the small ops), taken with `split` rather than slices (a slice's
+        # backward zero-fills a full-width gradient); grouped value heads are served inside the kernel's chunk copy
         query_key, value = qkv.split([2 * self.key_dim, self.value_dim], dim=-1)
         query, key = l2_normalize(query_key.reshape(batch, length, 2, self.num_k_heads, -1)).unbind(2)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
