@@ -29,11 +29,7 @@ from .block_base import (
 from .layers import HybridRMSNormGated, init_short_conv_
 from .ops_conv import causal_conv1d
 from .ops_gated_delta import gated_delta_rule
-
-
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Unit-normalise the last dim; keeps beta * |k|^2 < 2 so the delta rule cannot explode."""
-    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+from .ops_norm import l2_normalize
 
 
 class HybridGatedDeltaNet(HybridBlock):
@@ -150,11 +146,13 @@ class HybridGatedDeltaNet(HybridBlock):
         conv_state, recurrent_state = state if state is not None else (None, None)
 
         qkv, z, b, a = self._project(hidden_states)
-        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
-        qkv = F.silu(qkv)
+        qkv, conv_state = causal_conv1d(
+            qkv, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset, activation="silu"
+        )
         # q and k normalised as one tensor (half the small ops), taken with `split` rather than slices (a slice's
         # backward zero-fills a full-width gradient); grouped value heads are served inside the kernel's chunk copy
         query_key, value = qkv.split([2 * self.key_dim, self.value_dim], dim=-1)
+        # unit q and k keep beta |k|^2 < 2: the delta rule cannot explode
         query, key = l2_normalize(query_key.reshape(batch, length, 2, self.num_k_heads, -1)).unbind(2)
         value = value.reshape(batch, length, self.num_v_heads, self.head_v_dim)
 

@@ -199,10 +199,10 @@ class HybridMamba2(HybridBlock):
         heads, head_dim, groups, d_state = self.num_heads, self.head_dim, self.n_groups, self.d_state
 
         z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, heads], dim=-1)
-        xBC, conv_state = causal_conv1d(xBC, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
-        if self.conv1d.bias is not None:
-            xBC = xBC + self.conv1d.bias
-        x, B, C = F.silu(xBC).split([self.intermediate_size, groups * d_state, groups * d_state], dim=-1)
+        xBC, conv_state = causal_conv1d(
+            xBC, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset, bias=self.conv1d.bias, activation="silu"
+        )
+        x, B, C = xBC.split([self.intermediate_size, groups * d_state, groups * d_state], dim=-1)
         x = x.reshape(batch, length, heads, head_dim)
 
         dtype = torch.promote_types(dt.dtype, torch.float32)  # the decay in at least float32

@@ -196,9 +196,12 @@ class _ParaRNNBlock(HybridBlock):
         cell_state, conv_state = state if state is not None else (None, None)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         if self.conv1d is not None:
-            x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
-            x = x + self.conv1d.bias
-        u = F.silu(x)
+            u, conv_state = causal_conv1d(
+                x, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset, bias=self.conv1d.bias,
+                activation="silu",
+            )
+        else:
+            u = F.silu(x)
 
         # the cell in (at least) float32: Newton's tolerance and thousands of steps need the precision
         dtype = torch.promote_types(u.dtype, torch.float32)

@@ -184,8 +184,9 @@ class HybridRGLRU(HybridBlock):
         conv_state, h = state if state is not None else (None, None)
         gate = F.gelu(self.linear_y(hidden_states), approximate="tanh")
         u = self.linear_x(hidden_states)
-        u, conv_state = causal_conv1d(u, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset)
-        u = u + self.conv1d.bias
+        u, conv_state = causal_conv1d(
+            u, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset, bias=self.conv1d.bias
+        )
 
         # the gates and the recurrence in (at least) float32: a^t over thousands of steps needs the precision
         dtype = torch.promote_types(u.dtype, torch.float32)

@@ -120,9 +120,14 @@ class HybridSLSTM(HybridBlock):
         gate_source = hidden_states
         if self.conv1d is not None:
             gate_source, conv_state = causal_conv1d(
-                hidden_states, self.conv1d.weight[:, 0], conv_state, mask=mask, reset=reset
+                hidden_states,
+                self.conv1d.weight[:, 0],
+                conv_state,
+                mask=mask,
+                reset=reset,
+                bias=self.conv1d.bias,
+                activation="silu",
             )
-            gate_source = F.silu(gate_source + self.conv1d.bias)
         # the input half of every gate for all steps at once, in (at least) float32: the gates are exponentials
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         gate_inputs = torch.cat([self.if_proj(gate_source), self.zo_proj(hidden_states)], dim=-1).to(dtype)

@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
+from .ops_norm import gated_rms_norm
+
 
 def init_short_conv_(conv: nn.Conv1d) -> None:
     """PyTorch's own Conv1d initialisation, uniform(+-1/sqrt(fan_in)), as Mamba, fla and Zoology leave it.
@@ -86,9 +88,8 @@ class HybridRMSNormGated(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if hidden_states.dtype == gate.dtype == self.weight.dtype == torch.float32:
-            # as in `HybridRMSNorm`: the ops below in the same order from C++, bitwise the same values and gradients
-            weight = self.weight
-            return F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon) * F.silu(gate)
+            # the function below, blocked in cache forward and backward (ops_norm)
+            return gated_rms_norm(hidden_states, gate, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)

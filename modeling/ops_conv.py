@@ -1,86 +1,146 @@
 """Causal depthwise short convolution with a carried state (pure functions over tensors).
 
-Gated DeltaNet, Mamba and Griffin put a width-K causal depthwise convolution in front of their recurrence. It is written
-as K shifted multiply-adds rather than `F.conv1d`: K is tiny (2-4), it keeps the `[B, T, C]` layout (no transposes), and
-it makes document resets exact — a tap that would reach back across a document start is simply dropped. The backward
-is written by hand (`_ShortConv`): autograd through K shifted slices would zero-fill a full-length gradient per tap.
+Gated DeltaNet, Mamba-2, Griffin, sLSTM and ParaRNN put a width-K causal depthwise convolution (often followed by a bias
+and SiLU) in front of their recurrence. It is written as K shifted multiply-adds rather than `F.conv1d`: K is tiny
+(2-4), it keeps the `[B, T, C]` layout (no transposes), and it makes document resets exact — a tap that would reach back
+across a document start is simply dropped.
+
+Forward and backward (`_ShortConv`, written by hand) walk over blocks of rows small enough to stay in cache, doing every
+tap, the bias and the activation on a block before moving on: whole-tensor passes, one per tap, re-read the input from
+memory each time (conv + SiLU forward and backward at T=2048, C=1024: ~19 -> ~7 ms on one CPU thread). The backward
+recomputes the pre-activation per block instead of keeping it, so the activation costs no saved tensor.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
+
+# rows x channels of one block: 1 MiB of float32 (L2-sized; measured fastest among 64k-512k elements)
+BLOCK_ELEMENTS = 1 << 18
+ACTIVATIONS = (None, "silu")
 
 
-def _shifted(history: torch.Tensor, shift: int, width: int, length: int) -> torch.Tensor:
-    """The inputs `shift` tokens before each of the `length` outputs: a view into `history` `[B, K-1+T, C]`."""
-    return history[:, width - 1 - shift : width - 1 - shift + length]
+def _blocks(shape: torch.Size, width: int) -> list[tuple[int, int]]:
+    """Row ranges `[start, end)` covering `shape` `[B, T, C]`, each at least `width` rows (the backward reads one
+    block's gradient rows `K - 1` past its end)."""
+    batch, length, channels = shape
+    rows = max(width, BLOCK_ELEMENTS // max(1, batch * channels))
+    return [(start, min(length, start + rows)) for start in range(0, length, rows)]
 
 
-def _conv(history: torch.Tensor, weight: torch.Tensor, keeps: list[torch.Tensor] | None) -> torch.Tensor:
-    """y_t = sum_s weight[:, K-1-s] * history_{t+K-1-s} * keep_s[t]  over a `[B, K-1+T, C]` history (state, then the
-    tokens); `keeps[s - 1]` `[B, T, 1]` zeroes a tap that reaches back into an earlier document (None: keep all)."""
-    width = weight.shape[-1]
-    length = history.shape[1] - (width - 1)
-    y = _shifted(history, 0, width, length) * weight[:, -1]
+def _preactivation(
+    history: torch.Tensor,
+    lead: int,
+    taps: torch.Tensor,
+    bias: torch.Tensor | None,
+    keeps: list[torch.Tensor] | None,
+    start: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write conv (+ bias) of output rows `[start, start + len(out))` into `out` and return it.
+
+    out[t] = sum_s taps[K-1-s] * history[lead + t - s] (+ bias): `history` `[B, lead + T, C]` holds `lead` carried
+    rows, then the tokens; taps reaching before its first row read zeros; `keeps[s - 1]` `[B, T, 1]` zeroes tap s
+    where it crosses into an earlier document (None: keep all).
+    """
+    width, end = taps.shape[0], start + out.shape[1]
+    out.copy_(history[:, lead + start : lead + end]).mul_(taps[-1])
     for shift in range(1, width):
-        tap = _shifted(history, shift, width, length)
+        skip = max(0, shift - lead - start)  # first outputs whose tap would precede the history
+        if skip >= end - start:
+            continue
+        tap = history[:, lead + start + skip - shift : lead + end - shift]
         if keeps is not None:
-            tap = tap * keeps[shift - 1]
-        y.addcmul_(tap, weight[:, -1 - shift])
+            tap = tap * keeps[shift - 1][:, start + skip : end]
+        out[:, skip:].addcmul_(tap, taps[-1 - shift])
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def _short_conv(
+    history: torch.Tensor,
+    lead: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keeps: list[torch.Tensor] | None,
+    activation: str | None,
+) -> torch.Tensor:
+    """y = act(conv(history) + bias) for the `T` rows after the `lead` carried ones, block by block."""
+    batch, rows, channels = history.shape
+    dtype = torch.promote_types(history.dtype, weight.dtype)  # as `history * weight` would give
+    taps = weight.t().to(dtype).contiguous()  # [K, C]: one contiguous row per tap
+    bias = None if bias is None else bias.to(dtype)
+    y = history.new_empty(batch, rows - lead, channels, dtype=dtype)
+    for start, end in _blocks(y.shape, taps.shape[0]):
+        block = _preactivation(history, lead, taps, bias, keeps, start, y[:, start:end])
+        if activation == "silu":
+            F.silu(block, inplace=True)
     return y
 
 
-def _weight_grad(
-    history: torch.Tensor, grad_y: torch.Tensor, keeps: list[torch.Tensor] | None, width: int, rows: int = 256
-) -> torch.Tensor:
-    """`[C, K]`: grad_weight[:, K-1-s] = sum over rows and time of grad_y * (tap s back). Reduced over blocks of
-    `rows` tokens: the products then stay in cache instead of one fresh full-size temporary per tap (~2x faster)."""
-    batch, length, channels = grad_y.shape
-    grad_weight = torch.zeros(width, channels, dtype=grad_y.dtype, device=grad_y.device)
-    step = max(1, rows // batch)
-    for start in range(0, length, step):
-        block = grad_y[:, start : start + step]
-        end = start + block.shape[1]
-        for shift in range(width):
-            tap = history[:, width - 1 - shift + start : width - 1 - shift + end]
-            if keeps is not None and shift > 0:
-                tap = tap * keeps[shift - 1][:, start:end]
-            grad_weight[width - 1 - shift] += (block * tap).sum((0, 1)) if batch > 1 else torch.linalg.vecdot(
-                block[0].mT, tap[0].mT
-            )
-    return grad_weight.mT
-
-
 class _ShortConv(torch.autograd.Function):
-    """`_conv` with its backward written out: each tap's gradient is added into one preallocated history gradient."""
+    """`_short_conv` with the backward written out the same way, block by block."""
 
     @staticmethod
-    def forward(ctx, history, weight, keeps):
-        y = _conv(history, weight, keeps)
-        ctx.save_for_backward(history, weight)
-        ctx.keeps = keeps
+    def forward(ctx, history, lead, weight, bias, keeps, activation):
+        y = _short_conv(history, lead, weight, bias, keeps, activation)
+        ctx.save_for_backward(history, weight, bias)
+        ctx.lead, ctx.keeps, ctx.activation = lead, keeps, activation
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        history, weight = ctx.saved_tensors
-        keeps = ctx.keeps
-        width = weight.shape[-1]
-        length = grad_y.shape[1]
-        grad_history = grad_weight = None
+        history, weight, bias = ctx.saved_tensors
+        lead, keeps = ctx.lead, ctx.keeps
+        width, length = weight.shape[-1], grad_y.shape[1]
+        taps = weight.t().to(grad_y.dtype).contiguous()
+        bias_ = None if bias is None else bias.to(grad_y.dtype)
+        blocks = _blocks(grad_y.shape, width)
+        # the gradient w.r.t. the pre-activation, the weight and the bias, one block at a time
+        grad_pre = grad_y if ctx.activation is None else torch.empty_like(grad_y, memory_format=torch.contiguous_format)
+        rows = blocks[0][1]
+        products = grad_y.new_zeros(width, grad_y.shape[0], rows, grad_y.shape[2])  # per-tap sums of grad * input
+        scratch = grad_y.new_empty(grad_y.shape[0], rows, grad_y.shape[2]) if ctx.activation is not None else None
+        for start, end in blocks:
+            n = end - start
+            if ctx.activation == "silu":
+                pre = _preactivation(history, lead, taps, bias_, keeps, start, scratch[:, :n])
+                torch.ops.aten.silu_backward.grad_input(grad_y[:, start:end], pre, grad_input=grad_pre[:, start:end])
+            block = grad_pre[:, start:end]
+            for shift in range(width):
+                skip = max(0, shift - lead - start)
+                if skip >= n:
+                    continue
+                tap = history[:, lead + start + skip - shift : lead + end - shift]
+                if keeps is not None and shift > 0:
+                    tap = tap * keeps[shift - 1][:, start + skip : end]
+                products[width - 1 - shift, :, skip:n].addcmul_(block[:, skip:], tap)
+        grad_weight = products.sum((1, 2)).t().to(weight.dtype) if ctx.needs_input_grad[2] else None
+        grad_bias = grad_pre.sum((0, 1)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
+
+        grad_history = None
         if ctx.needs_input_grad[0]:
-            grad_history = history.new_empty(history.shape, dtype=grad_y.dtype)
-            # copy then scale in place (no full-size temporary; `out=` into a strided view would stop torch.compile)
-            grad_history[:, width - 1 :].copy_(grad_y).mul_(weight[:, -1])
-            grad_history[:, : width - 1].zero_()  # only the K - 1 state rows; the rest is written by the first tap
-            for shift in range(1, width):
-                grad_tap = grad_y if keeps is None else grad_y * keeps[shift - 1]
-                _shifted(grad_history, shift, width, length).addcmul_(grad_tap, weight[:, -1 - shift])
+            # history row lead + u receives grad_pre[u + s] * taps[K-1-s] for every tap s with 0 <= u + s < T
+            grad_history = grad_y.new_empty(history.shape)
+            for start, end in [(-lead, 0)] * (lead > 0) + blocks:
+                out = grad_history[:, lead + start : lead + end]
+                if start >= 0:
+                    out.copy_(grad_pre[:, start:end]).mul_(taps[-1])
+                else:
+                    out.zero_()
+                for shift in range(1, width):
+                    first, last = max(start + shift, 0), min(end + shift, length)  # grad_pre rows that reach back here
+                    if first >= last:
+                        continue
+                    grad = grad_pre[:, first:last]
+                    if keeps is not None:
+                        grad = grad * keeps[shift - 1][:, first:last]
+                    out[:, first - shift - start : last - shift - start].addcmul_(grad, taps[-1 - shift])
             grad_history = grad_history.to(history.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _weight_grad(history, grad_y, keeps, width).to(weight.dtype)
-        return grad_history, grad_weight, None
+        return grad_history, None, grad_weight, grad_bias, None, None
 
 
 def causal_conv1d(
@@ -89,8 +149,10 @@ def causal_conv1d(
     state: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     reset: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal depthwise convolution over time, continuing from `state`.
+    """Causal depthwise convolution over time, continuing from `state`, optionally followed by a bias and SiLU.
 
     Args:
         x: `[B, T, C]` inputs.
@@ -99,49 +161,57 @@ def causal_conv1d(
         mask: `[B, T]` bool, False at padding. A padded step is an identity transition: real tokens see the real
             tokens before them as if the padding were not there, and the state skips it. Outputs at pads are undefined.
         reset: `[B, T]` bool, True where a new document starts: taps reaching back before that token see zeros.
+        bias: `[C]` added after the convolution, or None.
+        activation: None, or "silu" applied after the bias (fused: no separate pass, nothing extra saved).
 
     Returns:
-        `y` `[B, T, C]` (no activation applied) and the new state `[B, K - 1, C]`.
+        `y` `[B, T, C]` and the new state `[B, K - 1, C]` (the raw inputs, before the convolution).
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")
     batch, length, channels = x.shape
     width = weight.shape[-1]
-    if state is None:
-        state = x.new_zeros(batch, width - 1, channels)
-    history = torch.cat([state.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
+    # the tokens, after the carried state when there is one (a fresh sequence reads zeros before its start)
+    history = x if state is None else torch.cat([state.to(x.dtype), x], dim=1)
+    lead = 0 if state is None else width - 1
     starts = None
     if reset is not None:
-        starts = torch.cat([reset.new_zeros(batch, width - 1), reset], dim=1)
+        starts = torch.cat([reset.new_zeros(batch, width - 1), reset], dim=1)  # over [state, tokens]
     inverse = None
     if mask is not None:
         # Stable-sort the padding in front of the carried state: every real token then directly follows the real
-        # tokens before it, which is exactly "padding is not there". Undo the permutation on the way out.
+        # tokens before it, which is exactly "padding is not there". Undo the permutation on the way out. The sorted
+        # sequence of state + tokens starts from zeros, so its first K - 1 outputs may be real tokens too.
+        if state is None:
+            history = torch.cat([x.new_zeros(batch, width - 1, channels), x], dim=1)
         is_real = torch.cat([mask.new_ones(batch, width - 1), mask], dim=1).to(torch.int8)
         order = torch.argsort(is_real, dim=1, stable=True)
         inverse = torch.argsort(order, dim=1)
-        history = history.gather(1, order.unsqueeze(-1).expand(-1, -1, channels))
+        history, lead = history.gather(1, order.unsqueeze(-1).expand(-1, -1, channels)), 0
         if starts is not None:
-            starts = starts.gather(1, order)
-        # the first K - 1 outputs of the sorted sequence may be real tokens now: give them a zero history
-        history = torch.cat([history.new_zeros(batch, width - 1, channels), history], dim=1)
-        if starts is not None:
-            starts = torch.cat([starts.new_zeros(batch, width - 1), starts], dim=1)
-    out_length = history.shape[1] - (width - 1)
+            starts = torch.cat([starts.new_zeros(batch, width - 1), starts.gather(1, order)], dim=1)
+    out_length = history.shape[1] - lead
 
-    keeps = None
+    keeps = segment = None
     if starts is not None:
-        segment = starts.long().cumsum(dim=1)
+        segment = starts.long().cumsum(dim=1)  # covers K - 1 rows before the first output row
         current_segment = segment[:, width - 1 :]
         keeps = [
-            (_shifted(segment[..., None], shift, width, out_length) == current_segment[..., None]).to(x.dtype)
+            (segment[:, width - 1 - shift : width - 1 - shift + out_length, None] == current_segment[..., None]).to(
+                x.dtype
+            )
             for shift in range(1, width)
         ]
-    if torch.is_grad_enabled() and (history.requires_grad or weight.requires_grad):
-        y = _ShortConv.apply(history, weight, keeps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (history, weight, bias)):
+        y = _ShortConv.apply(history, lead, weight, bias, keeps, activation)
     else:
-        y = _conv(history, weight, keeps)
+        y = _short_conv(history, lead, weight, bias, keeps, activation)
 
-    # a copy: a view would keep the whole `history` (the prompt) alive in the cache
-    new_state = history[:, history.shape[1] - (width - 1) :].clone()
+    # the last K - 1 inputs, zeros first if there were fewer; a copy: a view would keep the prompt alive in the cache
+    if history.shape[1] >= width - 1:
+        new_state = history[:, history.shape[1] - (width - 1) :].clone()
+    else:
+        new_state = torch.cat([history.new_zeros(batch, width - 1 - history.shape[1], channels), history], dim=1)
     if starts is not None and width > 1:
         # a document that started within the last K - 1 positions must not see older inputs at the next call
         keep = segment[:, segment.shape[1] - (width - 1) :] == segment[:, -1:]

@@ -1,7 +1,9 @@
 """The causal depthwise conv against a literal per-token loop over each row's real tokens."""
 
+import pytest
 import torch
 
+from hybridzoo.modeling import ops_conv
 from hybridzoo.modeling.ops_conv import causal_conv1d
 from tiny_models import assert_all_close, random_linear_grads
 
@@ -80,23 +82,60 @@ def _naive_batch(x, weight, state, reset=None):
     return torch.stack(ys)
 
 
-def test_hand_written_backward_matches_autograd_of_the_loop():
-    x, weight, state = _inputs(batch=2, length=300)  # longer than one block of the weight-gradient reduction
+@pytest.mark.parametrize("block_elements", [1, 64, ops_conv.BLOCK_ELEMENTS])  # rows per block: K, ~10, all
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("epilogue", [None, "bias", "bias+silu", "silu"])
+def test_blocked_forward_and_hand_written_backward_match_autograd_of_the_loop(
+    monkeypatch, block_elements, with_state, epilogue
+):
+    """Outputs and gradients (inputs, state, taps, bias) equal autograd through the literal loop, for blocks from
+    the narrowest the code allows (K rows: every tap and gradient crosses a block boundary) to one block."""
+    monkeypatch.setattr(ops_conv, "BLOCK_ELEMENTS", block_elements)
+    x, weight, state = _inputs(batch=2, length=300)
+    bias = torch.randn(x.shape[-1], dtype=torch.float64) if epilogue and "bias" in epilogue else None
+    activation = "silu" if epilogue and "silu" in epilogue else None
     reset = torch.zeros(2, 300, dtype=torch.bool)
     reset[0, 7] = reset[0, 8] = reset[1, 0] = reset[1, 299] = True
-    leaves = [t.requires_grad_() for t in (x, weight, state)]
+    leaves = [t.requires_grad_() for t in (x, weight, state if with_state else None, bias) if t is not None]
     for row_reset in (None, reset):
-        y = causal_conv1d(x, weight, state, reset=row_reset)[0]
-        expected_y = _naive_batch(x, weight, state, row_reset)
+        initial = state if with_state else None
+        y = causal_conv1d(x, weight, initial, reset=row_reset, bias=bias, activation=activation)[0]
+        expected_y = _naive_batch(x, weight, state if with_state else torch.zeros_like(state), row_reset)
+        if bias is not None:
+            expected_y = expected_y + bias
+        if activation == "silu":
+            expected_y = torch.nn.functional.silu(expected_y)
         torch.testing.assert_close(y, expected_y)
         assert_all_close(random_linear_grads([y], leaves), random_linear_grads([expected_y], leaves))
 
 
-def test_backward_with_padding_and_gradcheck():
+@pytest.mark.parametrize("block_elements", [1, ops_conv.BLOCK_ELEMENTS])
+def test_backward_with_padding_and_gradcheck(monkeypatch, block_elements):
+    monkeypatch.setattr(ops_conv, "BLOCK_ELEMENTS", block_elements)
     x, weight, state = _inputs(batch=2, length=9, channels=3)
+    bias = torch.randn(3, dtype=torch.float64)
     mask = torch.rand(x.shape[:2]) > 0.3
     reset = torch.zeros(2, 9, dtype=torch.bool)
     reset[1, 4] = True
-    leaves = [t.requires_grad_() for t in (x, weight, state)]
-    torch.autograd.gradcheck(lambda *a: causal_conv1d(*a, mask=mask, reset=reset), leaves)
-    torch.autograd.gradcheck(lambda *a: causal_conv1d(*a), leaves)
+    leaves = [t.requires_grad_() for t in (x, weight, state, bias)]
+    torch.autograd.gradcheck(lambda *a: causal_conv1d(*a[:3], mask=mask, reset=reset), leaves[:3])
+    torch.autograd.gradcheck(lambda *a: causal_conv1d(*a[:3]), leaves[:3])
+    torch.autograd.gradcheck(
+        lambda *a: causal_conv1d(*a[:3], mask=mask, reset=reset, bias=a[3], activation="silu"), leaves
+    )
+
+
+def test_short_input_without_state_pads_the_new_state_with_zeros():
+    """Fewer tokens than the window: the new state is zeros, then the tokens (as the loop over zeros + tokens)."""
+    x, weight, state = _inputs(length=2)
+    y, new_state = causal_conv1d(x, weight)
+    for b in range(x.shape[0]):
+        ref_y, ref_state = naive_conv(x[b], weight, torch.zeros_like(state[b]))
+        torch.testing.assert_close(y[b], ref_y)
+        torch.testing.assert_close(new_state[b], ref_state)
+
+
+def test_unknown_activation_is_rejected():
+    x, weight, _ = _inputs()
+    with pytest.raises(ValueError, match="activation='gelu'"):
+        causal_conv1d(x, weight, activation="gelu")

@@ -1,0 +1,69 @@
+"""The cache-blocked normalisations against their plain formulas through autograd."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hybridzoo.modeling import ops_norm
+from hybridzoo.modeling.layers import HybridRMSNormGated
+from tiny_models import assert_all_close, random_linear_grads
+
+
+def plain_l2_normalize(x, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def plain_gated_rms_norm(x, gate, weight, eps=1e-6):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)) * F.silu(gate)
+
+
+def _split_inputs(batch=3, length=37, heads=4, dim=8):
+    """Two `[B, T, H, D]` halves of one wider tensor, as the block's projections give them (strided, not copies)."""
+    whole = torch.randn(batch, length, 2 * heads * dim, dtype=torch.float64, requires_grad=True)
+    first, second = whole.split(heads * dim, dim=-1)
+    return whole, first.unflatten(-1, (heads, dim)), second.unflatten(-1, (heads, dim))
+
+
+@pytest.mark.parametrize("block_elements", [1, 100, ops_norm.BLOCK_ELEMENTS])  # one step per block, a few, all
+def test_l2_normalize_matches_the_formula(monkeypatch, block_elements):
+    monkeypatch.setattr(ops_norm, "BLOCK_ELEMENTS", block_elements)
+    whole, x, _ = _split_inputs()
+    y = ops_norm.l2_normalize(x)
+    expected = plain_l2_normalize(x)
+    torch.testing.assert_close(y, expected)
+    assert_all_close(random_linear_grads([y], [whole]), random_linear_grads([expected], [whole]))
+    with torch.no_grad():
+        torch.testing.assert_close(ops_norm.l2_normalize(x), expected)
+
+
+@pytest.mark.parametrize("block_elements", [1, 100, ops_norm.BLOCK_ELEMENTS])
+def test_gated_rms_norm_matches_the_formula(monkeypatch, block_elements):
+    monkeypatch.setattr(ops_norm, "BLOCK_ELEMENTS", block_elements)
+    whole, x, gate = _split_inputs()
+    weight = torch.randn(x.shape[-1], dtype=torch.float64, requires_grad=True)
+    y = ops_norm.gated_rms_norm(x, gate, weight, 1e-5)
+    expected = plain_gated_rms_norm(x, gate, weight, 1e-5)
+    torch.testing.assert_close(y, expected)
+    leaves = [whole, weight]
+    assert_all_close(random_linear_grads([y], leaves), random_linear_grads([expected], leaves))
+    with torch.no_grad():
+        torch.testing.assert_close(ops_norm.gated_rms_norm(x, gate, weight, 1e-5), expected)
+
+
+def test_float32_gated_norm_module_matches_the_float64_formula():
+    """The module's float32 path (the blocked function) against the formula in float64, values and gradients."""
+    norm = HybridRMSNormGated(8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x64, gate64 = torch.randn(2, 2, 300, 4, 8, dtype=torch.float64).unbind(0)
+    weight64 = norm.weight.detach().double()
+    leaves64 = [t.requires_grad_() for t in (x64, gate64, weight64)]
+    leaves32 = [x64.detach().float().requires_grad_(), gate64.detach().float().requires_grad_(), norm.weight]
+    y = norm(*leaves32[:2])
+    expected = plain_gated_rms_norm(x64, gate64, weight64)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    cotangent = torch.randn(expected.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(y, leaves32, cotangent.float())
+    expected_grads = torch.autograd.grad(expected, leaves64, cotangent)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad.double(), expected_grad, atol=1e-4, rtol=1e-4)
