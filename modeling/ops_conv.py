@@ -29,6 +29,21 @@ def _blocks(shape: torch.Size, width: int) -> list[tuple[int, int]]:
     return [(start, min(length, start + rows)) for start in range(0, length, rows)]
 
 
+def _tap(
+    history: torch.Tensor, lead: int, keeps: list[torch.Tensor] | None, shift: int, start: int, end: int
+) -> tuple[int, torch.Tensor | None]:
+    """What tap `shift` (tokens back) reads for output rows `[start, end)`: `(skip, rows)`, the first `skip` outputs
+    reaching before the history (they read zeros) and the history rows of the others, zeroed by `keeps[shift - 1]`
+    where they cross into an earlier document; rows is None when every output reaches before the history."""
+    skip = max(0, shift - lead - start)
+    if skip >= end - start:
+        return skip, None
+    rows = history[:, lead + start + skip - shift : lead + end - shift]
+    if keeps is not None and shift > 0:
+        rows = rows * keeps[shift - 1][:, start + skip : end]
+    return skip, rows
+
+
 def _preactivation(
     history: torch.Tensor,
     lead: int,
@@ -45,15 +60,11 @@ def _preactivation(
     where it crosses into an earlier document (None: keep all).
     """
     width, end = taps.shape[0], start + out.shape[1]
-    out.copy_(history[:, lead + start : lead + end]).mul_(taps[-1])
+    out.copy_(_tap(history, lead, keeps, 0, start, end)[1]).mul_(taps[-1])
     for shift in range(1, width):
-        skip = max(0, shift - lead - start)  # first outputs whose tap would precede the history
-        if skip >= end - start:
-            continue
-        tap = history[:, lead + start + skip - shift : lead + end - shift]
-        if keeps is not None:
-            tap = tap * keeps[shift - 1][:, start + skip : end]
-        out[:, skip:].addcmul_(tap, taps[-1 - shift])
+        skip, tap = _tap(history, lead, keeps, shift, start, end)
+        if tap is not None:
+            out[:, skip:].addcmul_(tap, taps[-1 - shift])
     if bias is not None:
         out.add_(bias)
     return out
@@ -111,13 +122,9 @@ class _ShortConv(torch.autograd.Function):
                 torch.ops.aten.silu_backward.grad_input(grad_y[:, start:end], pre, grad_input=grad_pre[:, start:end])
             block = grad_pre[:, start:end]
             for shift in range(width):
-                skip = max(0, shift - lead - start)
-                if skip >= n:
-                    continue
-                tap = history[:, lead + start + skip - shift : lead + end - shift]
-                if keeps is not None and shift > 0:
-                    tap = tap * keeps[shift - 1][:, start + skip : end]
-                products[width - 1 - shift, :, skip:n].addcmul_(block[:, skip:], tap)
+                skip, tap = _tap(history, lead, keeps, shift, start, end)
+                if tap is not None:
+                    products[width - 1 - shift, :, skip:n].addcmul_(block[:, skip:], tap)
         grad_weight = products.sum((1, 2)).t().to(weight.dtype) if ctx.needs_input_grad[2] else None
         grad_bias = grad_pre.sum((0, 1)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
 
