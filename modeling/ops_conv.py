@@ -51,20 +51,22 @@ def _preactivation(
     bias: torch.Tensor | None,
     keeps: list[torch.Tensor] | None,
     start: int,
-    out: torch.Tensor,
+    end: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write conv (+ bias) of output rows `[start, start + len(out))` into `out` and return it.
+    """Conv (+ bias) of output rows `[start, end)`, written into `out` when given, else a new tensor.
 
-    out[t] = sum_s taps[K-1-s] * history[lead + t - s] (+ bias): `history` `[B, lead + T, C]` holds `lead` carried
-    rows, then the tokens; taps reaching before its first row read zeros; `keeps[s - 1]` `[B, T, 1]` zeroes tap s
-    where it crosses into an earlier document (None: keep all).
+    y[t] = sum_s taps[K-1-s] * history[lead + t - s] (+ bias), with `taps` `[K, C]` (the weight transposed):
+    `history` `[B, lead + T, C]` holds `lead` carried rows, then the tokens; taps reaching before its first row read
+    zeros; `keeps[s - 1]` `[B, T, 1]` zeroes tap s where it crosses into an earlier document (None: keep all).
     """
-    width, end = taps.shape[0], start + out.shape[1]
-    out.copy_(_tap(history, lead, keeps, 0, start, end)[1]).mul_(taps[-1])
+    width = taps.shape[0]
+    current = _tap(history, lead, keeps, 0, start, end)[1]
+    out = current * taps[-1] if out is None else out.copy_(current).mul_(taps[-1])
     for shift in range(1, width):
         skip, tap = _tap(history, lead, keeps, shift, start, end)
         if tap is not None:
-            out[:, skip:].addcmul_(tap, taps[-1 - shift])
+            (out[:, skip:] if skip else out).addcmul_(tap, taps[-1 - shift])
     if bias is not None:
         out.add_(bias)
     return out
@@ -81,11 +83,18 @@ def _short_conv(
     """y = act(conv(history) + bias) for the `T` rows after the `lead` carried ones, block by block."""
     batch, rows, channels = history.shape
     dtype = torch.promote_types(history.dtype, weight.dtype)  # as `history * weight` would give
-    taps = weight.t().to(dtype).contiguous()  # [K, C]: one contiguous row per tap
-    bias = None if bias is None else bias.to(dtype)
+    taps = (weight if weight.dtype == dtype else weight.to(dtype)).t()  # [K, C]
+    if rows - lead > 16:
+        taps = taps.contiguous()  # a contiguous row per tap: broadcasting it is ~3x faster than a strided column
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    if batch * (rows - lead) * channels <= BLOCK_ELEMENTS:
+        # one block (short inputs, decoding): no preallocated output to copy into, the fewest small ops per token
+        y = _preactivation(history, lead, taps, bias, keeps, 0, rows - lead)
+        return F.silu(y, inplace=True) if activation == "silu" else y
     y = history.new_empty(batch, rows - lead, channels, dtype=dtype)
     for start, end in _blocks(y.shape, taps.shape[0]):
-        block = _preactivation(history, lead, taps, bias, keeps, start, y[:, start:end])
+        block = _preactivation(history, lead, taps, bias, keeps, start, end, out=y[:, start:end])
         if activation == "silu":
             F.silu(block, inplace=True)
     return y
@@ -107,7 +116,7 @@ class _ShortConv(torch.autograd.Function):
         history, weight, bias = ctx.saved_tensors
         lead, keeps = ctx.lead, ctx.keeps
         width, length = weight.shape[-1], grad_y.shape[1]
-        taps = weight.t().to(grad_y.dtype).contiguous()
+        taps = weight.to(grad_y.dtype).t().contiguous()
         bias_ = None if bias is None else bias.to(grad_y.dtype)
         blocks = _blocks(grad_y.shape, width)
         # the gradient w.r.t. the pre-activation, the weight and the bias, one block at a time
@@ -118,7 +127,7 @@ class _ShortConv(torch.autograd.Function):
         for start, end in blocks:
             n = end - start
             if ctx.activation == "silu":
-                pre = _preactivation(history, lead, taps, bias_, keeps, start, scratch[:, :n])
+                pre = _preactivation(history, lead, taps, bias_, keeps, start, end, out=scratch[:, :n])
                 torch.ops.aten.silu_backward.grad_input(grad_y[:, start:end], pre, grad_input=grad_pre[:, start:end])
             block = grad_pre[:, start:end]
             for shift in range(width):
@@ -209,7 +218,9 @@ def causal_conv1d(
             )
             for shift in range(1, width)
         ]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (history, weight, bias)):
+    if torch.is_grad_enabled() and (
+        history.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
         y = _ShortConv.apply(history, lead, weight, bias, keeps, activation)
     else:
         y = _short_conv(history, lead, weight, bias, keeps, activation)
