@@ -16,16 +16,15 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-# rows x channels of one block: 1 MiB of float32 (L2-sized; measured fastest among 64k-512k elements)
+# batch x rows x channels of one block: 1 MiB of float32 (L2-sized; measured fastest among 64k-512k elements)
 BLOCK_ELEMENTS = 1 << 18
 ACTIVATIONS = (None, "silu")
 
 
-def _blocks(shape: torch.Size, width: int) -> list[tuple[int, int]]:
-    """Row ranges `[start, end)` covering `shape` `[B, T, C]`, each at least `width` rows (the backward reads one
-    block's gradient rows `K - 1` past its end)."""
+def _blocks(shape: torch.Size) -> list[tuple[int, int]]:
+    """Row ranges `[start, end)` covering `shape` `[B, T, C]`, about `BLOCK_ELEMENTS` elements each."""
     batch, length, channels = shape
-    rows = max(width, BLOCK_ELEMENTS // max(1, batch * channels))
+    rows = max(1, BLOCK_ELEMENTS // max(1, batch * channels))
     return [(start, min(length, start + rows)) for start in range(0, length, rows)]
 
 
@@ -93,7 +92,7 @@ def _short_conv(
         y = _preactivation(history, lead, taps, bias, keeps, 0, rows - lead)
         return F.silu(y, inplace=True) if activation == "silu" else y
     y = history.new_empty(batch, rows - lead, channels, dtype=dtype)
-    for start, end in _blocks(y.shape, taps.shape[0]):
+    for start, end in _blocks(y.shape):
         block = _preactivation(history, lead, taps, bias, keeps, start, end, out=y[:, start:end])
         if activation == "silu":
             F.silu(block, inplace=True)
@@ -118,11 +117,13 @@ class _ShortConv(torch.autograd.Function):
         width, length = weight.shape[-1], grad_y.shape[1]
         taps = weight.to(grad_y.dtype).t().contiguous()
         bias_ = None if bias is None else bias.to(grad_y.dtype)
-        blocks = _blocks(grad_y.shape, width)
+        blocks = _blocks(grad_y.shape)
         # the gradient w.r.t. the pre-activation, the weight and the bias, one block at a time
         grad_pre = grad_y if ctx.activation is None else torch.empty_like(grad_y, memory_format=torch.contiguous_format)
         rows = blocks[0][1]
-        products = grad_y.new_zeros(width, grad_y.shape[0], rows, grad_y.shape[2])  # per-tap sums of grad * input
+        # per-tap sums of grad * input, summed over blocks in float32 at least (bf16 would round at every block)
+        sum_dtype = torch.promote_types(grad_y.dtype, torch.float32)
+        products = grad_y.new_zeros(width, grad_y.shape[0], rows, grad_y.shape[2], dtype=sum_dtype)
         scratch = grad_y.new_empty(grad_y.shape[0], rows, grad_y.shape[2]) if ctx.activation is not None else None
         for start, end in blocks:
             n = end - start
@@ -130,7 +131,7 @@ class _ShortConv(torch.autograd.Function):
                 pre = _preactivation(history, lead, taps, bias_, keeps, start, end, out=scratch[:, :n])
                 torch.ops.aten.silu_backward.grad_input(grad_y[:, start:end], pre, grad_input=grad_pre[:, start:end])
             block = grad_pre[:, start:end]
-            for shift in range(width):
+            for shift in range(width if ctx.needs_input_grad[2] else 0):
                 skip, tap = _tap(history, lead, keeps, shift, start, end)
                 if tap is not None:
                     products[width - 1 - shift, :, skip:n].addcmul_(block[:, skip:], tap)
@@ -141,7 +142,8 @@ class _ShortConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # history row lead + u receives grad_pre[u + s] * taps[K-1-s] for every tap s with 0 <= u + s < T
             grad_history = grad_y.new_empty(history.shape)
-            for start, end in [(-lead, 0)] * (lead > 0) + blocks:
+            ranges = ([(-lead, 0)] if lead else []) + blocks  # the carried rows first, when there are any
+            for start, end in ranges:
                 out = grad_history[:, lead + start : lead + end]
                 if start >= 0:
                     out.copy_(grad_pre[:, start:end]).mul_(taps[-1])
@@ -176,7 +178,8 @@ def causal_conv1d(
         state: `[B, K - 1, C]` the last K - 1 real inputs seen so far, or None for a fresh sequence (zeros).
         mask: `[B, T]` bool, False at padding. A padded step is an identity transition: real tokens see the real
             tokens before them as if the padding were not there, and the state skips it. Outputs at pads are undefined.
-        reset: `[B, T]` bool, True where a new document starts: taps reaching back before that token see zeros.
+        reset: `[B, T]` bool, True where a new document starts: taps reaching back before that token see zeros
+            (a reset at a padded position is ignored: pass `reset & mask`).
         bias: `[C]` added after the convolution, or None.
         activation: None, or "silu" applied after the bias (fused: no separate pass, nothing extra saved).
 
@@ -187,6 +190,9 @@ def causal_conv1d(
         raise ValueError(f"activation={activation!r}: expected one of {ACTIVATIONS}")
     batch, length, channels = x.shape
     width = weight.shape[-1]
+    if length == 0:  # nothing to convolve; the state passes through
+        new_state = x.new_zeros(batch, width - 1, channels) if state is None else state.to(x.dtype)
+        return x.new_empty(batch, 0, channels), new_state
     # the tokens, after the carried state when there is one (a fresh sequence reads zeros before its start)
     history = x if state is None else torch.cat([state.to(x.dtype), x], dim=1)
     lead = 0 if state is None else width - 1
@@ -197,7 +203,8 @@ def causal_conv1d(
     if mask is not None:
         # Stable-sort the padding in front of the carried state: every real token then directly follows the real
         # tokens before it, which is exactly "padding is not there". Undo the permutation on the way out. The sorted
-        # sequence of state + tokens starts from zeros, so its first K - 1 outputs may be real tokens too.
+        # sequence of state + tokens is convolved from its first row (pads sorted there still get an output to gather
+        # back), reading zeros before it.
         if state is None:
             history = torch.cat([x.new_zeros(batch, width - 1, channels), x], dim=1)
         is_real = torch.cat([mask.new_ones(batch, width - 1), mask], dim=1).to(torch.int8)

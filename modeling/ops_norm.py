@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-# elements of one block of rows (256 KiB of float32: several operands of a block fit in L2 together)
+# elements of one block of rows (512 KiB of float32, this CPU's L2; measured fastest among 2^14-2^18)
 BLOCK_ELEMENTS = 1 << 17
 
 
@@ -85,8 +85,8 @@ class _GatedRMSNorm(torch.autograd.Function):
             block, grad, rows = x[:, start:end], grad_y[:, start:end], scale[:, start:end]
             normed = block * rows
             gated_grad = grad * F.silu(gate[:, start:end])
-            if weight_products is None:
-                weight_products = gated_grad * normed  # [B, steps, ..., D] partial sums of dw
+            if weight_products is None:  # [B, steps, ..., D] partial sums of dw, float32 at least across blocks
+                weight_products = (gated_grad * normed).to(torch.promote_types(x.dtype, torch.float32))
             else:
                 weight_products[:, : end - start].addcmul_(gated_grad, normed)
             grad_gate_input = (grad * normed).mul_(weight)

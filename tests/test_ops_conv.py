@@ -139,3 +139,38 @@ def test_unknown_activation_is_rejected():
     x, weight, _ = _inputs()
     with pytest.raises(ValueError, match="activation='gelu'"):
         causal_conv1d(x, weight, activation="gelu")
+
+
+def test_empty_input_passes_the_state_through():
+    x, weight, state = _inputs(length=0)
+    y, new_state = causal_conv1d(x, weight, state)
+    assert y.shape == (3, 0, 5)
+    torch.testing.assert_close(new_state, state)
+    assert causal_conv1d(x, weight)[1].abs().sum() == 0
+
+
+def test_reset_at_a_padded_position_is_ignored():
+    x, weight, state = _inputs(batch=1, length=10)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[0, 4] = False
+    reset = torch.zeros(1, 10, dtype=torch.bool)
+    with_pad_reset = reset.clone()
+    with_pad_reset[0, 4] = True
+    y, new_state = causal_conv1d(x, weight, state, mask=mask, reset=reset)
+    y_pad_reset, new_state_pad_reset = causal_conv1d(x, weight, state, mask=mask, reset=with_pad_reset)
+    torch.testing.assert_close(y_pad_reset[mask], y[mask])
+    torch.testing.assert_close(new_state_pad_reset, new_state)
+
+
+def test_bfloat16_weight_gradient_is_summed_over_blocks_in_float32(monkeypatch):
+    """One-row blocks (a thousand partial sums): the bf16 weight gradient stays within one bf16 rounding of the
+    float64 one instead of accumulating a rounding per block."""
+    monkeypatch.setattr(ops_conv, "BLOCK_ELEMENTS", 1)
+    x, weight, _ = _inputs(batch=1, length=1000, channels=4)
+    grad_y = torch.randn(1, 1000, 4, dtype=torch.float64)
+    x16, weight16 = x.bfloat16(), weight.bfloat16().requires_grad_()
+    causal_conv1d(x16, weight16)[0].backward(grad_y.bfloat16())
+    weight64 = weight16.detach().double().requires_grad_()
+    causal_conv1d(x16.double(), weight64)[0].backward(grad_y.bfloat16().double())
+    relative = (weight16.grad.double() - weight64.grad).abs().max() / weight64.grad.abs().max()
+    assert relative < 8e-3
