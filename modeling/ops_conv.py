@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .ops_blocks import cache_blocks
+
 # batch x rows x channels of one block: 1 MiB of float32 (L2-sized; measured fastest among 64k-512k elements)
 BLOCK_ELEMENTS = 1 << 18
 ACTIVATIONS = (None, "silu")
@@ -24,8 +26,7 @@ ACTIVATIONS = (None, "silu")
 def _blocks(shape: torch.Size) -> list[tuple[int, int]]:
     """Row ranges `[start, end)` covering `shape` `[B, T, C]`, about `BLOCK_ELEMENTS` elements each."""
     batch, length, channels = shape
-    rows = max(1, BLOCK_ELEMENTS // max(1, batch * channels))
-    return [(start, min(length, start + rows)) for start in range(0, length, rows)]
+    return cache_blocks(length, batch * channels, BLOCK_ELEMENTS)
 
 
 def _tap(
@@ -121,9 +122,10 @@ class _ShortConv(torch.autograd.Function):
         # the gradient w.r.t. the pre-activation, the weight and the bias, one block at a time
         grad_pre = grad_y if ctx.activation is None else torch.empty_like(grad_y, memory_format=torch.contiguous_format)
         rows = blocks[0][1]
-        # per-tap sums of grad * input, summed over blocks in float32 at least (bf16 would round at every block)
-        sum_dtype = torch.promote_types(grad_y.dtype, torch.float32)
-        products = grad_y.new_zeros(width, grad_y.shape[0], rows, grad_y.shape[2], dtype=sum_dtype)
+        products = None
+        if ctx.needs_input_grad[2]:  # per-tap sums of grad * input, over blocks in float32 at least (not bf16)
+            sum_dtype = torch.promote_types(grad_y.dtype, torch.float32)
+            products = grad_y.new_zeros(width, grad_y.shape[0], rows, grad_y.shape[2], dtype=sum_dtype)
         scratch = grad_y.new_empty(grad_y.shape[0], rows, grad_y.shape[2]) if ctx.activation is not None else None
         for start, end in blocks:
             n = end - start
@@ -131,11 +133,11 @@ class _ShortConv(torch.autograd.Function):
                 pre = _preactivation(history, lead, taps, bias_, keeps, start, end, out=scratch[:, :n])
                 torch.ops.aten.silu_backward.grad_input(grad_y[:, start:end], pre, grad_input=grad_pre[:, start:end])
             block = grad_pre[:, start:end]
-            for shift in range(width if ctx.needs_input_grad[2] else 0):
+            for shift in range(width if products is not None else 0):
                 skip, tap = _tap(history, lead, keeps, shift, start, end)
                 if tap is not None:
                     products[width - 1 - shift, :, skip:n].addcmul_(block[:, skip:], tap)
-        grad_weight = products.sum((1, 2)).t().to(weight.dtype) if ctx.needs_input_grad[2] else None
+        grad_weight = None if products is None else products.sum((1, 2)).t().to(weight.dtype)
         grad_bias = grad_pre.sum((0, 1)).to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
 
         grad_history = None

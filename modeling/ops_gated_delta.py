@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .ops_blocks import cache_blocks
+
 __all__ = [
     "chunk_gated_delta_rule",
     "default_chunk_size",
@@ -373,8 +375,7 @@ TILE_ELEMENTS = 1 << 17
 
 def _tiles(num_chunks: int, rows: int, chunk: int, dim: int) -> list[slice]:
     """Slices of the chunk axis, each about `TILE_ELEMENTS` per `[rows, chunk, dim]`-shaped tensor."""
-    per_tile = max(1, TILE_ELEMENTS // (rows * chunk * dim))
-    return [slice(start, start + per_tile) for start in range(0, num_chunks, per_tile)]
+    return [slice(start, end) for start, end in cache_blocks(num_chunks, rows * chunk * dim, TILE_ELEMENTS)]
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):

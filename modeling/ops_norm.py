@@ -11,15 +11,15 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .ops_blocks import cache_blocks
+
 # elements of one block of rows (512 KiB of float32, this CPU's L2; measured fastest among 2^14-2^18)
 BLOCK_ELEMENTS = 1 << 17
 
 
 def _blocks(x: torch.Tensor) -> list[tuple[int, int]]:
     """Ranges `[start, end)` over dim 1 (time) of `x` `[B, T, ...]`, each about `BLOCK_ELEMENTS` elements."""
-    per_step = max(1, x.numel() // max(1, x.shape[1]))
-    steps = max(1, BLOCK_ELEMENTS // per_step)
-    return [(start, min(x.shape[1], start + steps)) for start in range(0, x.shape[1], steps)]
+    return cache_blocks(x.shape[1], x.numel() // max(1, x.shape[1]), BLOCK_ELEMENTS)
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class _GatedRMSNorm(torch.autograd.Function):
             grad_normed = gated_grad.mul_(weight)
             coefficient = _row_dot(grad_normed, normed).mul_(-1.0 / width)
             torch.addcmul(grad_normed, normed, coefficient, out=grad_x[:, start:end]).mul_(rows)
-        grad_weight = weight_products.reshape(-1, width).sum(0)
+        grad_weight = weight_products.reshape(-1, width).sum(0).to(weight.dtype)
         return grad_x, grad_gate, grad_weight, None
 
 

@@ -67,3 +67,19 @@ def test_float32_gated_norm_module_matches_the_float64_formula():
     expected_grads = torch.autograd.grad(expected, leaves64, cotangent)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad.double(), expected_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_gated_rms_norm_gradients_have_the_inputs_dtype_and_values(monkeypatch):
+    """bf16 in, bf16 gradients out (the weight's partial sums are kept in float32 across blocks), close to the
+    float64 formula."""
+    monkeypatch.setattr(ops_norm, "BLOCK_ELEMENTS", 64)
+    x64, gate64 = torch.randn(2, 2, 50, 4, 8, dtype=torch.float64).unbind(0)
+    weight64 = torch.randn(8, dtype=torch.float64)
+    leaves16 = [t.bfloat16().requires_grad_() for t in (x64, gate64, weight64)]
+    leaves64 = [t.detach().bfloat16().double().requires_grad_() for t in (x64, gate64, weight64)]
+    cotangent = torch.randn(2, 50, 4, 8, dtype=torch.float64).bfloat16()
+    grads = torch.autograd.grad(ops_norm.gated_rms_norm(*leaves16), leaves16, cotangent)
+    expected = torch.autograd.grad(plain_gated_rms_norm(*leaves64), leaves64, cotangent.double())
+    for grad, expected_grad in zip(grads, expected, strict=True):
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad.double(), expected_grad, atol=5e-2, rtol=2e-2)
