@@ -26,7 +26,7 @@ from .block_base import (
     is_positive_int_or_none,
     require_positive_ints,
 )
-from .layers import HybridRMSNormGated, init_short_conv_
+from .layers import HybridRMSNormGated, derived_from_weights, init_short_conv_, plain_linears
 from .ops_conv import causal_conv1d
 from .ops_gated_delta import gated_delta_rule
 from .ops_norm import l2_normalize
@@ -178,11 +178,11 @@ class HybridGatedDeltaNet(HybridBlock):
         self, hidden_states: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One token `[B, 1, hidden]` from a cached state, without autograd: the same function as `forward` in as few
-        small ops as we could (55 dispatched ops), since decoding a small model is bound by per-op overhead, not
-        arithmetic. The constants derived from the weights (conv taps laid out `[K, C]`, `-exp(A_log)`) are kept
-        between calls, q and k are normalised together with q's `1 / sqrt(Dk)` folded into the same rsqrt, GVA's head
-        sharing is one gather, and the delta-rule step is two batched mat-vecs and one fused rank-1 update on the
-        `[B Hv, Dk, Dv]` state."""
+        small ops as we could (about 40 dispatched ops), since decoding a small model is bound by per-op overhead, not
+        arithmetic. The tensors derived from the weights (the fused projections, conv taps laid out `[K, C]`,
+        `-exp(A_log)`, the norm's weight folded into o_proj's) are kept between calls, q and k are normalised by one
+        RMSNorm with q's `1 / sqrt(Dk)` folded into its scale, GVA's head sharing is one gather, and the delta-rule
+        step is two batched mat-vecs and one rank-1 update on the `[B Hv, Dk, Dv]` state."""
         conv_state, recurrent_state = state
         batch = hidden_states.shape[0]
         heads, dk, dv = self.num_v_heads, self.head_k_dim, self.head_v_dim
@@ -197,10 +197,10 @@ class HybridGatedDeltaNet(HybridBlock):
             conv = conv.to(math_dtype)
         if b.dtype != math_dtype:
             b, a = b.to(math_dtype), a.to(math_dtype)
-        # q / sqrt(Dk (|q|^2 + eps)) and k / sqrt(|k|^2 + eps): l2_normalize, and q's attention scale, in one rsqrt
+        # q / sqrt(Dk (|q|^2 + eps)) and k / sqrt(|k|^2 + eps) (l2_normalize with q's attention scale) as one
+        # RMSNorm, which divides by sqrt(|x|^2 / Dk + eps / Dk), times (1 / Dk, 1 / sqrt(Dk)) for (q, k)
         qk = conv[:, : 2 * self.key_dim].reshape(batch, 2, self.num_k_heads, dk)
-        squares = torch.linalg.vecdot(qk, qk)  # [B, 2, Hk]
-        qk = qk * torch.addcmul(kept.qk_eps, squares, kept.qk_scale).rsqrt_().unsqueeze(-1)
+        qk = F.rms_norm(qk, (dk,), None, kept.qk_eps).mul_(kept.qk_scale)
         # one gather lays out (k, q) per value head, GVA's sharing included: [B, 2 Hk, Dk] -> [B Hv, 2, Dk]
         kq = qk.reshape(batch, 2 * self.num_k_heads, dk).index_select(1, kept.kq_heads).view(batch * heads, 2, dk)
         key, query = kq[:, :1], kq[:, 1:]  # [B Hv, 1, Dk]
@@ -212,12 +212,18 @@ class HybridGatedDeltaNet(HybridBlock):
         # S <- alpha S;  S <- S + k (beta (v - S^T k))^T;  o = S^T q, per value head, on [B Hv, Dk, Dv]
         matrix = recurrent_state.reshape(batch * heads, dk, dv) * alpha  # a new tensor: the cached one is not written
         update = (value - torch.bmm(key, matrix)).mul_(beta)  # [B Hv, 1, Dv]
-        matrix.baddbmm_(key.mT, update)
+        matrix.addcmul_(key.mT, update)  # the rank-1 update; ~3x faster than baddbmm_ at decode sizes
         output = torch.bmm(query, matrix).reshape(batch, 1, heads, dv)
+        new_state = (window[:, 1:], matrix.view(batch, heads, dk, dv))
+        if kept.output_projection is not None and output.dtype == hidden_states.dtype == torch.float32:
+            # the norm's weight is folded into the kept output projection: o_proj(w * rmsnorm(o) * silu(z))
+            output = F.rms_norm(output, (dv,), None, self._modules["norm"].variance_epsilon)
+            output = output.mul_(F.silu(z.view(batch, 1, heads, dv)))
+            return torch.matmul(output.view(batch, 1, self.value_dim), kept.output_projection), new_state
         if output.dtype != hidden_states.dtype:
             output = output.to(hidden_states.dtype)
         output = self.norm(output, z.reshape(batch, 1, heads, dv)).reshape(batch, 1, self.value_dim)
-        return self.o_proj(output), (window[:, 1:], matrix.view(batch, heads, dk, dv))
+        return self.o_proj(output), new_state
 
     def _project(
         self, hidden_states: torch.Tensor, kept: _KeptTensors | None = None
@@ -236,7 +242,7 @@ class HybridGatedDeltaNet(HybridBlock):
             fused = torch.matmul(hidden_states, kept.projection)
         else:
             projections = (self.q_proj, self.k_proj, self.v_proj, self.z_proj, self.b_proj, self.a_proj)
-            if kept is not None or hidden_states.shape[1] == 1 or not _plain_linears(projections):
+            if kept is not None or hidden_states.shape[1] == 1 or not plain_linears(projections):
                 q, k, v, z, b, a = (p(hidden_states) for p in projections)
                 return torch.cat([q, k, v], dim=-1), z, b, a
             fused = F.linear(hidden_states, torch.cat([p.weight for p in projections]))
@@ -244,57 +250,59 @@ class HybridGatedDeltaNet(HybridBlock):
         return fused.split([conv_dim, self.value_dim, self.num_v_heads, self.num_v_heads], -1)
 
     def _kept_tensors(self) -> _KeptTensors:
-        """What inference derives from the weights, kept between calls and rebuilt when any of them changes.
-
-        Keyed by each weight's storage address (the weights are held here, so no other tensor can take an address;
-        `.data` swaps by `module.to()` change it) and in-place version counter (optimizer steps, load_state_dict).
-        The fused projection is kept transposed, `[hidden, N]`: for one token (a mat-vec) MKL reads that layout 1.5-2x
-        faster than `[N, hidden]` (measured on a 2-core AMD EPYC, 1 thread), and for many tokens both run alike.
-        """
+        """What inference derives from the weights (`derived_from_weights`: kept between calls, rebuilt when a weight
+        changes). The fused projections are kept transposed, `[in, out]`: for one token (a mat-vec) MKL reads that
+        layout 1.5-2x faster than `[out, in]` (measured on a 2-core AMD EPYC, 1 thread); for many tokens both run
+        alike. The output norm's weight folds into o_proj's when both are plain float32 modules."""
         modules = self._modules
         projections = tuple(modules[name] for name in _PROJECTIONS)
-        fusable = _plain_linears(projections)
+        fusable = plain_linears(projections)
+        norm, o_proj = modules["norm"], modules["o_proj"]
+        output_fusable = (
+            plain_linears((o_proj,))
+            and o_proj._parameters["bias"] is None
+            and type(norm) is HybridRMSNormGated
+            and not (norm._forward_hooks or norm._forward_pre_hooks)
+            and norm._parameters["weight"].dtype == o_proj._parameters["weight"].dtype == torch.float32
+        )
         weights = [p._parameters["weight"] for p in projections] if fusable else []
+        if output_fusable:
+            weights += (o_proj._parameters["weight"], norm._parameters["weight"])
         weights += (modules["conv1d"]._parameters["weight"], self._parameters["A_log"], self._parameters["dt_bias"])
-        key = [(w.data_ptr(), w._version) for w in weights]
-        kept = self.__dict__.get("_kept")
-        if kept is None or kept.key != key:
-            weights = tuple(w.detach() for w in weights)
-            conv_weight, a_log, dt_bias = weights[-3:]
-            dk, eps = self.head_k_dim, 1e-6  # eps of `l2_normalize`
-            gate_dtype = torch.promote_types(a_log.dtype, torch.float32)  # as `forward`: float32 at least
-            # value head h reads q/k head h // (Hv / Hk): its k is row Hk + that of the [q heads | k heads] rows
-            shared = torch.arange(self.num_v_heads) // (self.num_v_heads // self.num_k_heads)
-            kq_heads = torch.stack([shared + self.num_k_heads, shared], dim=1).flatten()
-            self._kept = kept = _KeptTensors(
-                key=key,
-                weights=weights,
-                projection=torch.cat(weights[:-3]).t().contiguous() if fusable else None,
-                conv_taps=conv_weight[:, 0].t().contiguous(),
-                neg_decay_rate=-a_log.to(gate_dtype).exp(),
-                dt_bias=dt_bias.to(gate_dtype),
-                qk_scale=torch.tensor([[float(dk)], [1.0]], dtype=gate_dtype, device=a_log.device),
-                qk_eps=torch.tensor([[dk * eps], [eps]], dtype=gate_dtype, device=a_log.device),
-                kq_heads=kq_heads.to(a_log.device),
-            )
-        return kept
+        return derived_from_weights(self, weights, lambda detached: self._derive(detached, fusable, output_fusable))
+
+    def _derive(self, weights: tuple[torch.Tensor, ...], fusable: bool, output_fusable: bool) -> _KeptTensors:
+        conv_weight, a_log, dt_bias = weights[-3:]
+        dk, eps = self.head_k_dim, 1e-6  # eps of `l2_normalize`
+        gate_dtype = torch.promote_types(a_log.dtype, torch.float32)  # as `forward`: float32 at least
+        output_projection = None
+        if output_fusable:
+            o_weight, norm_weight = weights[-5:-3]  # [hidden, Hv Dv], [Dv]
+            output_projection = (o_weight * norm_weight.repeat(self.num_v_heads)).t().contiguous()
+        # value head h reads q/k head h // (Hv / Hk): its k is row Hk + that of the [q heads | k heads] rows
+        shared = torch.arange(self.num_v_heads) // (self.num_v_heads // self.num_k_heads)
+        kq_heads = torch.stack([shared + self.num_k_heads, shared], dim=1).flatten()
+        return _KeptTensors(
+            projection=torch.cat(weights[: len(_PROJECTIONS)]).t().contiguous() if fusable else None,
+            output_projection=output_projection,
+            conv_taps=conv_weight[:, 0].t().contiguous(),
+            neg_decay_rate=-a_log.to(gate_dtype).exp(),
+            dt_bias=dt_bias.to(gate_dtype),
+            qk_scale=torch.tensor([dk**-1.0, dk**-0.5], dtype=gate_dtype, device=a_log.device).view(2, 1, 1),
+            qk_eps=eps / dk,
+            kq_heads=kq_heads.to(a_log.device),
+        )
 
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "z_proj", "b_proj", "a_proj")
 
 
-def _plain_linears(modules: tuple[nn.Module, ...]) -> bool:
-    """True when every module is a plain `nn.Linear` without hooks, so its weight may be applied directly."""
-    return all(type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks) for m in modules)
-
-
 class _KeptTensors(NamedTuple):
-    key: list[tuple[int, int]]  # (storage address, version) of each weight below
-    weights: tuple[torch.Tensor, ...]  # those weights, detached
     projection: torch.Tensor | None  # [hidden, 2 key_dim + 2 value_dim + 2 Hv]; None: wrapped projections
+    output_projection: torch.Tensor | None  # [value_dim, hidden]: o_proj's weight times the norm's; None: not plain
     conv_taps: torch.Tensor  # [K, 2 key_dim + value_dim]
     neg_decay_rate: torch.Tensor  # -exp(A_log), float32 at least
     dt_bias: torch.Tensor  # float32 at least
-    qk_scale: torch.Tensor  # [2, 1]: (Dk, 1), q's attention scale inside the rsqrt of the l2 norm
-    qk_eps: torch.Tensor  # [2, 1]: (Dk eps, eps)
+    qk_scale: torch.Tensor  # [2, 1, 1]: (1 / Dk, 1 / sqrt(Dk)) for (q, k) after the RMSNorm
+    qk_eps: float  # eps / Dk: l2_normalize's eps inside the RMSNorm's mean
     kq_heads: torch.Tensor  # [2 Hv]: rows of `[q heads | k heads]` giving (k, q) for each value head in turn

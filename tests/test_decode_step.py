@@ -1,10 +1,13 @@
-"""The Gated DeltaNet block's no-autograd single-token step equals its general forward, and its kept fused
-projection weight follows every change of the weights."""
+"""The no-autograd fast paths of decoding equal the general forward: the Gated DeltaNet block's single-token step and
+the gated MLP's fused GEMM; the weights they keep in derived form follow every change of the weights, and wrapped or
+hooked modules are never bypassed."""
 
 import pytest
 import torch
+from torch import nn
 
 from hybridzoo.modeling.block_gated_deltanet import HybridGatedDeltaNet
+from hybridzoo.modeling.layers import HybridMLP, plain_linears
 from tiny_models import tiny_config
 
 
@@ -70,3 +73,78 @@ def test_kept_projection_weight_follows_weight_changes():
     torch.testing.assert_close(step_output(), reference())
     block.conv1d.weight.data = torch.randn_like(block.conv1d.weight)
     torch.testing.assert_close(step_output(), reference())
+    # the output norm's weight is folded into o_proj's in the step: both followed
+    with torch.no_grad():
+        block.norm.weight.copy_(torch.rand_like(block.norm.weight) + 0.5)
+    torch.testing.assert_close(step_output(), reference())
+    block.o_proj.weight.data = torch.randn_like(block.o_proj.weight)
+    torch.testing.assert_close(step_output(), reference())
+
+
+@pytest.mark.parametrize("hooked", ["o_proj", "norm", "q_proj"])
+def test_decode_step_runs_hooked_modules(hooked):
+    """A forward hook (what PEFT and accelerate attach) on a module the step would otherwise fold away still runs."""
+    torch.manual_seed(0)
+    block = HybridGatedDeltaNet(tiny_config("G")).eval()
+    x = torch.randn(2, 6, 32)
+    calls = []
+
+    def double(module, args, output):
+        calls.append(module)
+        return output * 2
+
+    getattr(block, hooked).register_forward_hook(double)
+    (full, _), (stepped, _) = full_and_stepped(block, x, prompt=4)
+    assert len(calls) == 4  # the prompt's forward, then each of the three single-token steps
+    torch.testing.assert_close(stepped, full, atol=1e-6, rtol=1e-5)
+
+
+def mlp_config(**overrides):
+    return tiny_config("G", **overrides)
+
+
+def test_fused_mlp_equals_the_three_projections():
+    torch.manual_seed(0)
+    mlp = HybridMLP(mlp_config())
+    x = torch.randn(3, 5, 32)
+
+    def reference():  # with autograd on: the three nn.Linear calls
+        return mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).detach()
+
+    for change in (None, "in place", "swapped"):
+        if change == "in place":
+            with torch.no_grad():
+                mlp.up_proj.weight.mul_(-1.5)  # like an optimizer step
+        elif change == "swapped":
+            mlp.down_proj.weight.data = torch.randn_like(mlp.down_proj.weight)  # like module.to()
+        with torch.no_grad():
+            fused = mlp(x)
+        assert "_derived_from_weights" in mlp.__dict__  # the fused path ran
+        torch.testing.assert_close(fused, reference(), atol=1e-6, rtol=1e-5)
+
+
+def test_fused_mlp_is_skipped_where_it_must_not_run():
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32)
+    large = HybridMLP(mlp_config())
+    large.fused_max_weights = 3 * 32 * 48 - 1  # one weight over the limit: no copy kept
+    with_bias = HybridMLP(mlp_config(mlp_bias=True))
+    hooked = HybridMLP(mlp_config())
+    hooked.gate_proj.register_forward_hook(lambda module, args, output: output * 2)
+    for mlp in (large, with_bias, hooked):
+        reference = mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).detach()
+        with torch.no_grad():
+            torch.testing.assert_close(mlp(x), reference)
+        assert "_derived_from_weights" not in mlp.__dict__
+
+
+def test_plain_linears_sees_wrappers():
+    linear = nn.Linear(4, 4)
+    assert plain_linears([linear])
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    replaced = nn.Linear(4, 4)
+    replaced.forward = lambda x: x  # how accelerate's offloading hooks wrap a module
+    subclass = type("LoraLinear", (nn.Linear,), {})(4, 4)
+    for module in (hooked, replaced, subclass):
+        assert not plain_linears([linear, module])
