@@ -26,7 +26,7 @@ from .block_base import (
     is_positive_int_or_none,
     require_positive_ints,
 )
-from .layers import HybridRMSNormGated, derived_from_weights, init_short_conv_, plain_linears
+from .layers import FUSED_MAX_WEIGHTS, HybridRMSNormGated, derived_from_weights, init_short_conv_, plain_linears
 from .ops_conv import causal_conv1d
 from .ops_gated_delta import gated_delta_rule
 from .ops_norm import l2_normalize
@@ -253,13 +253,15 @@ class HybridGatedDeltaNet(HybridBlock):
         """What inference derives from the weights (`derived_from_weights`: kept between calls, rebuilt when a weight
         changes). The fused projections are kept transposed, `[in, out]`: for one token (a mat-vec) MKL reads that
         layout 1.5-2x faster than `[out, in]` (measured on a 2-core AMD EPYC, 1 thread); for many tokens both run
-        alike. The output norm's weight folds into o_proj's when both are plain float32 modules."""
+        alike. The output norm's weight folds into o_proj's when both are plain float32 modules. Only blocks up to
+        `FUSED_MAX_WEIGHTS` keep these copies (a large block's decoding is bound by reading its weights)."""
         modules = self._modules
         projections = tuple(modules[name] for name in _PROJECTIONS)
-        fusable = plain_linears(projections)
+        fusable = plain_linears(projections) and self.hidden_size * self._projected_width() <= FUSED_MAX_WEIGHTS
         norm, o_proj = modules["norm"], modules["o_proj"]
         output_fusable = (
-            plain_linears((o_proj,))
+            self.value_dim * self.hidden_size <= FUSED_MAX_WEIGHTS
+            and plain_linears((o_proj,))
             and o_proj._parameters["bias"] is None
             and type(norm) is HybridRMSNormGated
             and not (norm._forward_hooks or norm._forward_pre_hooks)
@@ -270,6 +272,10 @@ class HybridGatedDeltaNet(HybridBlock):
             weights += (o_proj._parameters["weight"], norm._parameters["weight"])
         weights += (modules["conv1d"]._parameters["weight"], self._parameters["A_log"], self._parameters["dt_bias"])
         return derived_from_weights(self, weights, lambda detached: self._derive(detached, fusable, output_fusable))
+
+    def _projected_width(self) -> int:
+        """Outputs of the six input projections together: q, k, v, z, b, a."""
+        return 2 * self.key_dim + 2 * self.value_dim + 2 * self.num_v_heads
 
     def _derive(self, weights: tuple[torch.Tensor, ...], fusable: bool, output_fusable: bool) -> _KeptTensors:
         conv_weight, a_log, dt_bias = weights[-3:]

@@ -148,3 +148,17 @@ def test_plain_linears_sees_wrappers():
     subclass = type("LoraLinear", (nn.Linear,), {})(4, 4)
     for module in (hooked, replaced, subclass):
         assert not plain_linears([linear, module])
+
+
+def test_large_blocks_keep_no_weight_copies(monkeypatch):
+    """Above `FUSED_MAX_WEIGHTS` the step keeps no fused projections (their decoding is bound by reading the weights,
+    a copy would only double them) and still equals the forward."""
+    import hybridzoo.modeling.block_gated_deltanet as gdn_module
+
+    monkeypatch.setattr(gdn_module, "FUSED_MAX_WEIGHTS", 32 * 8 - 1)  # under both the input and output projections
+    torch.manual_seed(0)
+    block = HybridGatedDeltaNet(tiny_config("G")).eval()
+    (full, _), (stepped, _) = full_and_stepped(block, torch.randn(2, 6, 32), prompt=4)
+    kept = block._kept_tensors()
+    assert kept.projection is None and kept.output_projection is None
+    torch.testing.assert_close(stepped, full, atol=1e-6, rtol=1e-5)
