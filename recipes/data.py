@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from hybridzoo.data.documents import read_documents, split_documents
 from hybridzoo.data.tasks import TaskMixture, batch_seed, make_task
@@ -244,9 +245,13 @@ def prepare_data(recipe, log=print) -> PreparedData:
     classification = recipe.model.head == "sequence_classification"
     key = _digest(texts_digest, tokenizer.backend_tokenizer.to_str(), data.context_length, classification,
                   data.validation_fraction)
-    cache_file = cache_root(data) / "packed" / f"{key}.pt"
+    # safetensors, flat "split.field" keys: a cache file is never unpickled
+    cache_file = cache_root(data) / "packed" / f"{key}.safetensors"
     if cache_file.exists():
-        splits = torch.load(cache_file)
+        splits = {}
+        for name, tensor in load_file(cache_file).items():
+            split, field = name.split(".", 1)
+            splits.setdefault(split, {})[field] = tensor
         log(f"data: loaded packed rows from cache {cache_file}")
     else:
         splits = {}
@@ -260,7 +265,8 @@ def prepare_data(recipe, log=print) -> PreparedData:
             splits[name] = {k: v.to(torch.int32) for k, v in splits[name].items()}  # half the disk of int64
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(splits, tmp)
+        flat = {f"{split}.{field}": t.contiguous() for split, fields in splits.items() for field, t in fields.items()}
+        save_file(flat, tmp)
         os.replace(tmp, cache_file)
     unit = "examples" if classification else "rows"
     description = (f"{len(train_docs)} train / {len(validation_docs)} validation documents -> "
