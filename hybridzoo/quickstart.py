@@ -111,7 +111,7 @@ def evaluate_models(settings: QuickstartSettings, folders: dict[str, dict[str, P
     from hybridzoo.evaluation.harness import eval_rows, markdown_table, write_outputs
 
     common = dict(lengths=[64, 128], num_examples=settings.eval_examples, seed=settings.seed, train_length=256,
-                  decode_lengths=[256, 1024, 4096], decode_tokens=8)
+                  decode_lengths=[256, 1024, 4096], decode_tokens=16)
     _banner("evaluating the MQAR models on the retrieval suite")
     rows, curves = eval_rows([str(folder) for folder in folders["mqar"].values()], "retrieval", **common)
     # text models: loss by position on the held-out stdlib files in each model's own BPE, and decode cost (token

@@ -82,3 +82,24 @@ def test_loss_by_position_on_real_documents_matches_a_direct_computation():
             beyond = next(r for r in rows if r["length"] == length and r["metric"] == "loss_beyond_train")
             assert beyond["value"] == pytest.approx(per_position[15:].mean().item(), rel=1e-5)
             assert curves["tiny"] == pytest.approx(per_position.tolist(), rel=1e-5)
+
+
+def test_decode_cost_reports_the_median_step_not_a_stalled_one(monkeypatch):
+    """A fake clock gives each decode step a known duration; one step stalls for a second. The reported ms/token is
+    the median of the timed steps (the untimed first step excluded), not the mean the stall would dominate."""
+    import hybridzoo.evaluation.harness as harness
+    from hybridzoo import HybridForCausalLM
+    from tiny_models import tiny_config
+
+    model = HybridForCausalLM(tiny_config("GA")).eval()
+    # the clock's readings in call order: prefill start / end, the untimed step's start, then each timed step's
+    # start / end: 2 ms, a 1 s stall, 3 ms, 4 ms
+    readings = iter([0.0, 1.0, 1.0, 10.0, 10.002, 20.0, 21.0, 30.0, 30.003, 40.0, 40.004])
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: next(readings))
+    measured = harness.decode_cost(model, length=8, new_tokens=4)
+    assert len(calls) == 1 + 5  # the prefill, one untimed step, four timed steps
+    assert measured["ms_per_token"] == pytest.approx(3.5)  # median of 2, 1000, 3, 4 ms; the mean would be 252 ms
+    assert measured["prefill_s"] == pytest.approx(1.0)
