@@ -29,7 +29,7 @@ from .block_base import (
 from .layers import FUSED_MAX_WEIGHTS, HybridRMSNormGated, derived_from_weights, init_short_conv_, plain_linears
 from .ops_conv import causal_conv1d
 from .ops_gated_delta import gated_delta_rule
-from .ops_norm import l2_normalize
+from .ops_norm import l2_normalize, scaled_unit_rows
 
 
 class HybridGatedDeltaNet(HybridBlock):
@@ -180,8 +180,8 @@ class HybridGatedDeltaNet(HybridBlock):
         """One token `[B, 1, hidden]` from a cached state, without autograd: the same function as `forward` in as few
         small ops as we could (about 40 dispatched ops), since decoding a small model is bound by per-op overhead, not
         arithmetic. The tensors derived from the weights (the fused projections, conv taps laid out `[K, C]`,
-        `-exp(A_log)`, the norm's weight folded into o_proj's) are kept between calls, q and k are normalised by one
-        RMSNorm with q's `1 / sqrt(Dk)` folded into its scale, GVA's head sharing is one gather, and the delta-rule
+        `-exp(A_log)`, the norm's weight folded into o_proj's) are kept between calls, q and k are normalised in one
+        pass with q's `1 / sqrt(Dk)` folded into its scale, GVA's head sharing is one gather, and the delta-rule
         step is two batched mat-vecs and one rank-1 update on the `[B Hv, Dk, Dv]` state."""
         conv_state, recurrent_state = state
         batch = hidden_states.shape[0]
@@ -197,10 +197,9 @@ class HybridGatedDeltaNet(HybridBlock):
             conv = conv.to(math_dtype)
         if b.dtype != math_dtype:
             b, a = b.to(math_dtype), a.to(math_dtype)
-        # q / sqrt(Dk (|q|^2 + eps)) and k / sqrt(|k|^2 + eps) (l2_normalize with q's attention scale) as one
-        # RMSNorm, which divides by sqrt(|x|^2 / Dk + eps / Dk), times (1 / Dk, 1 / sqrt(Dk)) for (q, k)
+        # q / sqrt(Dk (|q|^2 + eps)) and k / sqrt(|k|^2 + eps): l2_normalize with q's attention scale, in one pass
         qk = conv[:, : 2 * self.key_dim].reshape(batch, 2, self.num_k_heads, dk)
-        qk = F.rms_norm(qk, (dk,), None, kept.qk_eps).mul_(kept.qk_scale)
+        qk = scaled_unit_rows(qk, kept.qk_scale, kept.qk_eps_root)
         # one gather lays out (k, q) per value head, GVA's sharing included: [B, 2 Hk, Dk] -> [B Hv, 2, Dk]
         kq = qk.reshape(batch, 2 * self.num_k_heads, dk).index_select(1, kept.kq_heads).view(batch * heads, 2, dk)
         key, query = kq[:, :1], kq[:, 1:]  # [B Hv, 1, Dk]
@@ -216,9 +215,8 @@ class HybridGatedDeltaNet(HybridBlock):
         output = torch.bmm(query, matrix).reshape(batch, 1, heads, dv)
         new_state = (window[:, 1:], matrix.view(batch, heads, dk, dv))
         if kept.output_projection is not None and output.dtype == hidden_states.dtype == torch.float32:
-            # the norm's weight is folded into the kept output projection: o_proj(w * rmsnorm(o) * silu(z))
-            output = F.rms_norm(output, (dv,), None, self._modules["norm"].variance_epsilon)
-            output = output.mul_(F.silu(z.view(batch, 1, heads, dv)))
+            # o_proj(w * rmsnorm(o) * silu(z)) with the norm's weight * sqrt(Dv) folded into the kept projection
+            output = scaled_unit_rows(output, F.silu(z.view(batch, 1, heads, dv)), kept.output_eps_root)
             return torch.matmul(output.view(batch, 1, self.value_dim), kept.output_projection), new_state
         if output.dtype != hidden_states.dtype:
             output = output.to(hidden_states.dtype)
@@ -271,20 +269,26 @@ class HybridGatedDeltaNet(HybridBlock):
         if output_fusable:
             weights += (o_proj._parameters["weight"], norm._parameters["weight"])
         weights += (modules["conv1d"]._parameters["weight"], self._parameters["A_log"], self._parameters["dt_bias"])
-        return derived_from_weights(self, weights, lambda detached: self._derive(detached, fusable, output_fusable))
+        output_eps = norm.variance_epsilon
+        return derived_from_weights(
+            self, weights, lambda detached: self._derive(detached, fusable, output_fusable, output_eps), (output_eps,)
+        )
 
     def _projected_width(self) -> int:
         """Outputs of the six input projections together: q, k, v, z, b, a."""
         return 2 * self.key_dim + 2 * self.value_dim + 2 * self.num_v_heads
 
-    def _derive(self, weights: tuple[torch.Tensor, ...], fusable: bool, output_fusable: bool) -> _KeptTensors:
+    def _derive(
+        self, weights: tuple[torch.Tensor, ...], fusable: bool, output_fusable: bool, output_eps: float
+    ) -> _KeptTensors:
         conv_weight, a_log, dt_bias = weights[-3:]
         dk, eps = self.head_k_dim, 1e-6  # eps of `l2_normalize`
         gate_dtype = torch.promote_types(a_log.dtype, torch.float32)  # as `forward`: float32 at least
         output_projection = None
         if output_fusable:
             o_weight, norm_weight = weights[-5:-3]  # [hidden, Hv Dv], [Dv]
-            output_projection = (o_weight * norm_weight.repeat(self.num_v_heads)).t().contiguous()
+            scale = norm_weight.repeat(self.num_v_heads) * math.sqrt(self.head_v_dim)  # RMSNorm's sqrt(D), see below
+            output_projection = (o_weight * scale).t().contiguous()
         # value head h reads q/k head h // (Hv / Hk): its k is row Hk + that of the [q heads | k heads] rows
         shared = torch.arange(self.num_v_heads) // (self.num_v_heads // self.num_k_heads)
         kq_heads = torch.stack([shared + self.num_k_heads, shared], dim=1).flatten()
@@ -294,8 +298,9 @@ class HybridGatedDeltaNet(HybridBlock):
             conv_taps=conv_weight[:, 0].t().contiguous(),
             neg_decay_rate=-a_log.to(gate_dtype).exp(),
             dt_bias=dt_bias.to(gate_dtype),
-            qk_scale=torch.tensor([dk**-1.0, dk**-0.5], dtype=gate_dtype, device=a_log.device).view(2, 1, 1),
-            qk_eps=eps / dk,
+            qk_scale=torch.tensor([dk**-0.5, 1.0], dtype=gate_dtype, device=a_log.device).view(2, 1, 1),
+            qk_eps_root=torch.tensor(math.sqrt(eps), dtype=gate_dtype, device=a_log.device),
+            output_eps_root=torch.tensor(math.sqrt(self.head_v_dim * output_eps), device=a_log.device),
             kq_heads=kq_heads.to(a_log.device),
         )
 
@@ -309,6 +314,7 @@ class _KeptTensors(NamedTuple):
     conv_taps: torch.Tensor  # [K, 2 key_dim + value_dim]
     neg_decay_rate: torch.Tensor  # -exp(A_log), float32 at least
     dt_bias: torch.Tensor  # float32 at least
-    qk_scale: torch.Tensor  # [2, 1, 1]: (1 / Dk, 1 / sqrt(Dk)) for (q, k) after the RMSNorm
-    qk_eps: float  # eps / Dk: l2_normalize's eps inside the RMSNorm's mean
+    qk_scale: torch.Tensor  # [2, 1, 1]: (1 / sqrt(Dk), 1) for the unit (q, k)
+    qk_eps_root: torch.Tensor  # sqrt(eps) of l2_normalize, for `scaled_unit_rows`
+    output_eps_root: torch.Tensor  # sqrt(Dv eps) of the output RMSNorm, for `scaled_unit_rows`
     kq_heads: torch.Tensor  # [2 Hv]: rows of `[q heads | k heads]` giving (k, q) for each value head in turn

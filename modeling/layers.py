@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from .ops_norm import gated_rms_norm
+from .ops_norm import gated_rms_norm, scaled_unit_rows
 
 Derived = TypeVar("Derived")
 
@@ -34,9 +34,13 @@ def plain_linears(modules: Sequence[nn.Module]) -> bool:
 
 
 def derived_from_weights(
-    owner: nn.Module, weights: Sequence[torch.Tensor], build: Callable[[tuple[torch.Tensor, ...]], Derived]
+    owner: nn.Module,
+    weights: Sequence[torch.Tensor],
+    build: Callable[[tuple[torch.Tensor, ...]], Derived],
+    settings: tuple = (),
 ) -> Derived:
-    """`build(weights)` (the weights detached), computed once and kept on `owner` until any of the weights changes.
+    """`build(weights)` (the weights detached), computed once and kept on `owner` until any of the weights or of the
+    `settings` (plain values `build` also reads, such as an epsilon) changes.
 
     For inference paths that want the weights in another form (concatenated, transposed, folded together): decoding
     a small model is bound by per-op overhead, and re-deriving per token would cost more than it saves. Keyed by each
@@ -44,6 +48,7 @@ def derived_from_weights(
     steps, `load_state_dict`); the weights are held with the result, so no other tensor can take their addresses.
     """
     key = [(w.data_ptr(), w._version) for w in weights]
+    key.append(settings)
     kept = owner.__dict__.get("_derived_from_weights")
     if kept is None or kept[0] != key:
         detached = tuple(w.detach() for w in weights)
@@ -82,7 +87,7 @@ class HybridRMSNorm(nn.Module):
         super().__init__()
         self.zero_centered = zero_centered
         self.weight = nn.Parameter(torch.zeros(hidden_size) if zero_centered else torch.ones(hidden_size))
-        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.zeros(hidden_size)) if bias else None)
         self.variance_epsilon = eps
 
     @torch.no_grad()
@@ -94,12 +99,21 @@ class HybridRMSNorm(nn.Module):
             init.zeros_(self.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype == self.weight.dtype == torch.float32:
-            # the same ops in the same order as below, dispatched from C++: bitwise the same values and gradients in
-            # fewer Python steps (decoding a small model is bound by per-op overhead)
-            weight = (1.0 + self.weight) if self.zero_centered else self.weight
-            hidden_states = F.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
-            return hidden_states if self.bias is None else hidden_states + self.bias
+        weight = self._parameters["weight"]
+        if hidden_states.dtype == weight.dtype == torch.float32:
+            if torch.is_grad_enabled():
+                # the same ops in the same order as below, dispatched from C++: bitwise the same values and gradients
+                # in fewer Python steps
+                scale = (1.0 + weight) if self.zero_centered else weight
+                hidden_states = F.rms_norm(hidden_states, scale.shape, scale, self.variance_epsilon)
+            else:
+                # inference: three ops on a kept `(1 +) weight * sqrt(D)` (decoding a small model is bound by per-op
+                # overhead; equal to the above within fp32 rounding)
+                settings = (self.zero_centered, self.variance_epsilon)
+                scale, eps_root = derived_from_weights(self, (weight,), self._inference_scale, settings)
+                hidden_states = scaled_unit_rows(hidden_states, scale, eps_root)
+            bias = self._parameters["bias"]
+            return hidden_states if bias is None else hidden_states + bias
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)  # float32 even for float64 inputs, as transformers' norms
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -109,6 +123,13 @@ class HybridRMSNorm(nn.Module):
         else:
             hidden_states = self.weight * hidden_states.to(input_dtype)
         return hidden_states if self.bias is None else hidden_states + self.bias
+
+    def _inference_scale(self, weights: tuple[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`scaled_unit_rows`'s `scale` and `eps_root` for this norm."""
+        (weight,) = weights
+        width = weight.shape[-1]
+        scale = ((1.0 + weight) if self.zero_centered else weight) * math.sqrt(width)
+        return scale, weight.new_tensor(math.sqrt(width * self.variance_epsilon))
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, zero_centered={self.zero_centered}"

@@ -79,6 +79,8 @@ def test_kept_projection_weight_follows_weight_changes():
     torch.testing.assert_close(step_output(), reference())
     block.o_proj.weight.data = torch.randn_like(block.o_proj.weight)
     torch.testing.assert_close(step_output(), reference())
+    block.norm.variance_epsilon = 0.3  # a setting the kept form also depends on
+    torch.testing.assert_close(step_output(), reference())
 
 
 @pytest.mark.parametrize("hooked", ["o_proj", "norm", "q_proj"])

@@ -5,7 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from hybridzoo.modeling import ops_norm
-from hybridzoo.modeling.layers import HybridRMSNormGated
+from hybridzoo.modeling.layers import HybridRMSNorm, HybridRMSNormGated
 from tiny_models import assert_all_close, random_linear_grads
 
 
@@ -83,3 +83,53 @@ def test_bfloat16_gated_rms_norm_gradients_have_the_inputs_dtype_and_values(monk
     for grad, expected_grad in zip(grads, expected, strict=True):
         assert grad.dtype == torch.bfloat16
         torch.testing.assert_close(grad.double(), expected_grad, atol=5e-2, rtol=2e-2)
+
+
+def plain_rms_norm(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_scaled_unit_rows_is_the_rms_norm_and_the_l2_normalisation():
+    """The inference form `scale * x / hypot(|x|, eps_root)` against both plain formulas, rows of zeros and of tiny
+    values included (where eps decides the result)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 16, dtype=torch.float64)
+    x[0, 1] = 0.0
+    x[1, 2] *= 1e-5
+    weight, eps, width = torch.randn(16, dtype=torch.float64), 1e-5, 16
+    as_rms = ops_norm.scaled_unit_rows(x, weight * width**0.5, torch.tensor((width * eps) ** 0.5, dtype=torch.float64))
+    torch.testing.assert_close(as_rms, plain_rms_norm(x, weight, eps), atol=1e-14, rtol=1e-12)
+    as_l2 = ops_norm.scaled_unit_rows(x, torch.ones((), dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64))
+    torch.testing.assert_close(as_l2, plain_l2_normalize(x, eps=1e-6), atol=1e-14, rtol=1e-12)
+
+
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rms_norm_module_without_autograd_matches_the_formula(zero_centered, bias):
+    """`HybridRMSNorm` without autograd runs on a kept scaled weight: equal to the float64 formula, and it follows
+    in-place and swapped weights and a changed epsilon (the kept form is rebuilt)."""
+    torch.manual_seed(0)
+    norm = HybridRMSNorm(16, eps=1e-6, zero_centered=zero_centered, bias=bias)
+    x = torch.randn(3, 7, 16)
+    x[0, 0] *= 1e-4
+
+    def expected():
+        weight = norm.weight.detach().double() + (1.0 if zero_centered else 0.0)
+        out = plain_rms_norm(x.double(), weight, norm.variance_epsilon)
+        return out + norm.bias.detach().double() if bias else out
+
+    for change in (None, "in place", "swapped", "eps"):
+        if change == "in place":
+            with torch.no_grad():
+                norm.weight.add_(torch.randn(16))
+                if bias:
+                    norm.bias.add_(torch.randn(16))
+        elif change == "swapped":
+            norm.weight.data = torch.randn(16)
+        elif change == "eps":
+            norm.variance_epsilon = 0.5  # large enough to move every row
+        with torch.no_grad():
+            inferred = norm(x)
+        assert "_derived_from_weights" in norm.__dict__  # the inference path ran
+        torch.testing.assert_close(inferred.double(), expected(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(inferred, norm(x).detach(), atol=1e-6, rtol=1e-5)  # the autograd path
