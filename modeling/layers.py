@@ -47,6 +47,9 @@ def derived_from_weights(
     weight's storage address (`module.to()` and `.data` swaps change it) and in-place version counter (optimizer
     steps, `load_state_dict`); the weights are held with the result, so no other tensor can take their addresses.
     """
+    if torch.compiler.is_compiling():
+        # a compiled graph derives them in every call, fused with the rest, and traces no data pointers
+        return build(tuple(w.detach() for w in weights))
     key = [(w.data_ptr(), w._version) for w in weights]
     key.append(settings)
     kept = owner.__dict__.get("_derived_from_weights")

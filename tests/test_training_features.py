@@ -117,3 +117,21 @@ def test_torch_compile_traces_without_graph_breaks(block_name):
     torch.testing.assert_close(y, expected_y)
     step, _ = compiled(x[:, :1], state)
     torch.testing.assert_close(step, block(x[:, :1], expected_state)[0])
+
+
+def test_torch_compile_traces_inference_without_graph_breaks():
+    """Without autograd the norms, the MLP and the Gated DeltaNet step run on weights kept in derived form; a compiled
+    graph derives them in the graph instead of tracing the cache's data pointers: whole model and decode step, no
+    graph break (fullgraph=True), the same outputs as eager."""
+    from hybridzoo.modeling.blocks import BLOCK_CLASSES
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(tiny_config("GGGA")).eval()
+    block = BLOCK_CLASSES["gated_deltanet"](tiny_config("G"), 0).eval()
+    input_ids, x = torch.randint(3, 64, (2, 20)), torch.randn(2, 20, 32)
+    with torch.no_grad():
+        logits = torch.compile(model, backend="eager", fullgraph=True)(input_ids, use_cache=False).logits
+        torch.testing.assert_close(logits, model(input_ids, use_cache=False).logits)
+        compiled = torch.compile(block, backend="eager", fullgraph=True)
+        _, state = block(x)
+        torch.testing.assert_close(compiled(x[:, :1], state)[0], block(x[:, :1], state)[0])
