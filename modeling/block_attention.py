@@ -13,14 +13,24 @@ Options that other checkpoints need, all off by default:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .block_base import BlockField, HybridBlock, is_bool, require_positive_ints
-from .layers import HybridRMSNorm, apply_rotary_pos_emb
+from .layers import (
+    FUSED_MAX_WEIGHTS,
+    HybridRMSNorm,
+    apply_rotary_pos_emb,
+    derived_from_weights,
+    plain_linears,
+    rotate,
+)
+from .ops_norm import scaled_unit_rows
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -157,6 +167,18 @@ class HybridAttention(HybridBlock):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if (
+            hidden_states.shape[1] == 1
+            and attention_mask is None
+            and cache is not None
+            and not kwargs
+            and not torch.is_grad_enabled()
+            and (not self.training or self.attention_dropout == 0.0)
+            and self.config._attn_implementation == "sdpa"
+        ):
+            kept = self._kept_tensors()
+            if kept is not None:
+                return self._decode_step(hidden_states, position_embeddings, cache, kept), None
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         gate = None
@@ -193,6 +215,109 @@ class HybridAttention(HybridBlock):
         if gate is not None:
             attn_output = attn_output * torch.sigmoid(gate)
         return self.o_proj(attn_output), attn_weights
+
+
+    @torch.no_grad()
+    def _decode_step(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: Cache,
+        kept: _KeptProjections,
+    ) -> torch.Tensor:
+        """One token `[B, 1, hidden]` without autograd or mask: `forward`'s function in fewer small ops (decoding a
+        small model is bound by per-op overhead). q, k, v (and the gate) come from one GEMM on a kept, transposed
+        weight whose rows put the queries and keys side by side, so both heads' norms and RoPE run as one tensor,
+        and SDPA is called directly with `enable_gqa`."""
+        batch = hidden_states.shape[0]
+        heads, dim = self.config.num_attention_heads, self.head_dim
+        kv_heads = heads // self.num_key_value_groups
+        inputs = hidden_states.view(batch, -1)
+        if kept.bias is None:
+            projected = torch.matmul(inputs, kept.projection)
+        else:
+            projected = torch.addmm(kept.bias, inputs, kept.projection)
+        query_key = projected[:, : (heads + kv_heads) * dim].view(batch, heads + kv_heads, dim)
+        value = projected[:, (heads + kv_heads) * dim : (heads + 2 * kv_heads) * dim].view(batch, kv_heads, 1, dim)
+        if kept.qk_scale is not None:  # q_norm and k_norm as one pass, their weights side by side
+            query_key = scaled_unit_rows(query_key, kept.qk_scale, kept.qk_eps_root)
+        cos, sin = position_embeddings  # [B, 1, R]: broadcast over the heads of `query_key` [B, Hq + Hkv, D]
+        query_key = rotate(query_key, cos, sin)
+        query, key = query_key[:, :heads, None], query_key[:, heads:, None]  # [B, H, 1, D]
+        key, value = cache.update(key, value, self.layer_idx)
+        output = F.scaled_dot_product_attention(
+            query, key, value, scale=self.scaling, enable_gqa=self.num_key_value_groups > 1
+        ).view(batch, heads * dim)
+        if self.output_gate:
+            output = output * torch.sigmoid(projected[:, (heads + 2 * kv_heads) * dim :])
+        if kept.output_bias is None:
+            output = torch.matmul(output, kept.output_projection)
+        else:
+            output = torch.addmm(kept.output_bias, output, kept.output_projection)
+        return output.view(batch, 1, -1)
+
+    def _kept_tensors(self) -> _KeptProjections | None:
+        """The weights `_decode_step` runs on (`derived_from_weights`: kept between calls, rebuilt when one changes),
+        or None where it must not run: wrapped or hooked projections or norms (PEFT, accelerate), or weights over
+        `FUSED_MAX_WEIGHTS` (decoding a large block is bound by reading its weights, a copy would only double them)."""
+        modules = self._modules
+        projections = (modules["q_proj"], modules["k_proj"], modules["v_proj"], modules["o_proj"])
+        weights = [p._parameters["weight"] for p in projections]
+        if not plain_linears(projections) or max(sum(w.numel() for w in weights[:3]), weights[3].numel()) > (
+            FUSED_MAX_WEIGHTS
+        ):
+            return None
+        norms = (modules["q_norm"], modules["k_norm"]) if modules.get("q_norm") is not None else ()
+        if any(
+            type(n) is not HybridRMSNorm
+            or n._forward_hooks
+            or n._forward_pre_hooks
+            or n._parameters["bias"] is not None
+            or n._parameters["weight"].dtype != torch.float32  # the norms' float32 inference form
+            for n in norms
+        ):
+            return None
+        tensors = weights + [p._parameters["bias"] for p in projections if p._parameters["bias"] is not None]
+        tensors += [n._parameters["weight"] for n in norms]
+        settings = tuple((n.zero_centered, n.variance_epsilon) for n in norms)
+        return derived_from_weights(self, tensors, lambda detached: self._derive(projections, norms), settings)
+
+    def _derive(self, projections: tuple[nn.Linear, ...], norms: tuple[HybridRMSNorm, ...]) -> _KeptProjections:
+        heads, dim = self.config.num_attention_heads, self.head_dim
+        q_proj, k_proj, v_proj, o_proj = (p.weight.detach() for p in projections)
+        q_bias, k_bias, v_bias, o_bias = (
+            None if p.bias is None else p.bias.detach() for p in projections
+        )
+
+        def rows(query_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            """q_proj's rows (or bias) as (queries, gates): per head `[query | gate]` with the output gate."""
+            if not self.output_gate:
+                return (query_rows,)
+            per_head = query_rows.reshape(heads, 2, dim, *query_rows.shape[1:])
+            return per_head[:, 0].flatten(0, 1), per_head[:, 1].flatten(0, 1)
+
+        # columns [queries | keys | values | gates]: queries and keys adjacent for one norm and one RoPE pass
+        query_rows = rows(q_proj)
+        projection = torch.cat([query_rows[0], k_proj, v_proj, *query_rows[1:]]).t().contiguous()
+        bias = None
+        if q_bias is not None:
+            query_bias = rows(q_bias)
+            bias = torch.cat([query_bias[0], k_bias, v_bias, *query_bias[1:]])
+        qk_scale = qk_eps_root = None
+        if norms:
+            (q_scale, qk_eps_root), (k_scale, _) = (n._inference_scale((n.weight.detach(),)) for n in norms)
+            kv_heads = heads // self.num_key_value_groups
+            qk_scale = torch.cat([q_scale.expand(heads, dim), k_scale.expand(kv_heads, dim)])
+        return _KeptProjections(projection, bias, o_proj.t().contiguous(), o_bias, qk_scale, qk_eps_root)
+
+
+class _KeptProjections(NamedTuple):
+    projection: torch.Tensor  # [hidden, (Hq + 2 Hkv) D (+ Hq D gates)]: q_proj's queries, k_proj, v_proj, the gates
+    bias: torch.Tensor | None  # the same columns' biases (attention_bias)
+    output_projection: torch.Tensor  # [Hq D, hidden]: o_proj's weight transposed
+    output_bias: torch.Tensor | None
+    qk_scale: torch.Tensor | None  # [Hq + Hkv, D]: q_norm's and k_norm's `scaled_unit_rows` scales (qk_norm)
+    qk_eps_root: torch.Tensor | None
 
 
 class HybridSlidingWindowAttention(HybridAttention):

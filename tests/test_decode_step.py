@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from hybridzoo import HybridForCausalLM
 from hybridzoo.modeling.block_gated_deltanet import HybridGatedDeltaNet
 from hybridzoo.modeling.layers import HybridMLP, plain_linears
 from tiny_models import tiny_config
@@ -164,3 +165,62 @@ def test_large_blocks_keep_no_weight_copies(monkeypatch):
     kept = block._kept_tensors()
     assert kept.projection is None and kept.output_projection is None
     torch.testing.assert_close(stepped, full, atol=1e-6, rtol=1e-5)
+
+
+ATTENTION_VARIANTS = {
+    "llama": {},
+    "no grouping": {"num_key_value_heads": 4},
+    "qwen3-next options": {  # output gate, zero-centred q/k norms, a quarter of each head rotated
+        "attention_output_gate": True,
+        "attention_qk_norm": True,
+        "rms_norm_zero_centered": True,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+    },
+    "biases": {"attention_bias": True, "attention_out_bias": True},
+}
+
+
+def logits_step_by_step(model, prompt: torch.Tensor, steps: int, fast: bool) -> torch.Tensor:
+    """Logits of the prompt's prefill, then of `steps` given tokens fed one at a time through the cache; without
+    autograd (`fast`: the decode steps' fast paths run) or with it (the general paths)."""
+    context = torch.no_grad() if fast else torch.enable_grad()
+    tokens = torch.arange(3, 3 + steps).view(1, -1).expand(prompt.shape[0], -1)
+    with context:
+        out = model(prompt, use_cache=True)
+        logits, cache = [out.logits[:, -1:].detach()], out.past_key_values
+        for t in range(steps):
+            out = model(tokens[:, t : t + 1], cache=cache, use_cache=True)
+            logits.append(out.logits.detach())
+            cache = out.past_key_values
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("variant", sorted(ATTENTION_VARIANTS))
+@pytest.mark.parametrize("pattern", ["AA", "SA"])
+def test_attention_decode_step_equals_forward(variant, pattern):
+    """The attention block's single-token step (one fused GEMM, q/k norms and RoPE in one pass, SDPA called directly)
+    against its general forward. The sliding-window layer (window 4) takes the step while its mask is None, within
+    the window, and the general path once a mask limits it: the prompt starts inside the window and decoding leaves
+    it."""
+    torch.manual_seed(0)
+    model = HybridForCausalLM(tiny_config(pattern, **ATTENTION_VARIANTS[variant])).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases
+        for name, parameter in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                parameter.normal_(0.0, 0.3)
+    prompt = torch.randint(3, 64, (2, 2))
+    fast = logits_step_by_step(model, prompt, 6, fast=True)
+    assert all("_derived_from_weights" in layer.mixer.__dict__ for layer in model.model.layers)  # the step ran
+    torch.testing.assert_close(fast, logits_step_by_step(model, prompt, 6, fast=False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hooked", ["q_proj", "o_proj", "q_norm"])
+def test_attention_decode_step_is_skipped_for_hooked_modules(hooked):
+    torch.manual_seed(0)
+    model = HybridForCausalLM(tiny_config("A", **ATTENTION_VARIANTS["qwen3-next options"])).eval()
+    attention = model.model.layers[0].mixer
+    getattr(attention, hooked).register_forward_hook(lambda module, args, output: output * 2)
+    prompt = torch.randint(3, 64, (1, 6))
+    fast = logits_step_by_step(model, prompt, 3, fast=True)
+    assert "_derived_from_weights" not in attention.__dict__
+    torch.testing.assert_close(fast, logits_step_by_step(model, prompt, 3, fast=False), atol=1e-5, rtol=1e-5)
