@@ -15,6 +15,7 @@ Parameter names follow transformers' `Mamba2Mixer` so its checkpoints map one to
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import transformers.initialization as init
@@ -30,7 +31,7 @@ from .block_base import (
     is_positive_int_or_none,
     is_positive_number,
 )
-from .layers import init_short_conv_
+from .layers import FUSED_MAX_WEIGHTS, derived_from_weights, init_short_conv_, plain_linears
 from .ops_conv import causal_conv1d
 from .ops_mamba2 import ssd
 
@@ -196,6 +197,18 @@ class HybridMamba2(HybridBlock):
         """
         batch, length, _ = hidden_states.shape
         conv_state, ssm_state = state if state is not None else (None, None)
+        if (
+            length == 1
+            and conv_state is not None
+            and ssm_state is not None
+            and mask is None
+            and reset is None
+            and not torch.is_grad_enabled()
+            and hidden_states.dtype == conv_state.dtype == ssm_state.dtype == torch.float32
+        ):
+            kept = self._kept_tensors()
+            if kept is not None:
+                return self._decode_step(hidden_states, conv_state, ssm_state, kept)
         heads, head_dim, groups, d_state = self.num_heads, self.head_dim, self.n_groups, self.d_state
 
         z, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, heads], dim=-1)
@@ -223,3 +236,96 @@ class HybridMamba2(HybridBlock):
         y = y + x * self.D.to(x.dtype)[:, None]
         y = self.norm(y.reshape(batch, length, self.intermediate_size), z)
         return self.out_proj(y), (conv_state, ssm_state)
+
+    @torch.no_grad()
+    def _decode_step(
+        self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, kept: _KeptTensors
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One float32 token `[B, 1, hidden]` from a cached state, without autograd: `forward`'s function in about
+        half the small ops (decoding a small model is bound by per-op overhead, not arithmetic). What it derives from
+        the weights is kept between calls (`_kept_tensors`); the output norm's weight is folded into out_proj's."""
+        batch = hidden_states.shape[0]
+        heads, head_dim, groups, d_state = self.num_heads, self.head_dim, self.n_groups, self.d_state
+        inputs = hidden_states.view(batch, -1)
+        if kept.projection_bias is None:
+            projected = torch.matmul(inputs, kept.projection)
+        else:
+            projected = torch.addmm(kept.projection_bias, inputs, kept.projection)
+        z, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, heads], dim=-1)
+        # short conv over the window (state, token), bias, SiLU
+        window = torch.cat([conv_state, xBC.unsqueeze(1)], dim=1)  # [B, K, conv_dim]
+        preactivation = (window * kept.conv_taps).sum(1)
+        if kept.conv_bias is not None:
+            preactivation += kept.conv_bias
+        x, B, C = F.silu(preactivation).split([self.intermediate_size, groups * d_state, groups * d_state], dim=-1)
+        # state <- exp(dt A) state + (dt x) B^T per head;  y = state C + D x;  heads grouped [G, H / G] under B, C
+        dt = F.softplus(dt + kept.dt_bias).clamp(*self.dt_limit)  # [B, H]
+        per_group = (batch, groups, heads // groups, 1, 1)
+        state = ssm_state.reshape(batch, groups, heads // groups, head_dim, d_state) * torch.exp(dt * kept.A).view(
+            per_group
+        )
+        x_heads = x.view(batch, groups, heads // groups, head_dim, 1)
+        state.addcmul_(x_heads * dt.view(per_group), B.view(batch, groups, 1, 1, d_state))
+        y = torch.matmul(state, C.view(batch, groups, 1, d_state, 1)).addcmul_(x_heads, kept.D)
+        # group-wise RMSNorm of y * silu(z), its weight times sqrt(group width) folded into the kept out_proj
+        gated = y.view(batch, groups, -1).mul_(F.silu(z).view(batch, groups, -1))
+        gated = gated.div_(torch.hypot(torch.linalg.vector_norm(gated, dim=-1, keepdim=True), kept.norm_eps_root))
+        if kept.output_bias is None:
+            output = torch.matmul(gated.view(batch, -1), kept.output_projection)
+        else:
+            output = torch.addmm(kept.output_bias, gated.view(batch, -1), kept.output_projection)
+        new_state = (window[:, 1:], state.view(batch, heads, head_dim, d_state))
+        return output.view(batch, 1, -1), new_state
+
+    def _kept_tensors(self) -> _KeptTensors | None:
+        """What `_decode_step` derives from the weights (`derived_from_weights`: kept between calls, rebuilt when a
+        weight changes), or None where it must not run: wrapped or hooked projections or norm (PEFT, accelerate),
+        weights other than float32, or projections over `FUSED_MAX_WEIGHTS` (decoding a large block is bound by
+        reading its weights, and a copy would double them)."""
+        modules = self._modules
+        in_proj, out_proj, norm, conv = modules["in_proj"], modules["out_proj"], modules["norm"], modules["conv1d"]
+        if (
+            not plain_linears((in_proj, out_proj))
+            or type(norm) is not HybridRMSNormGroupGated
+            or norm._forward_hooks
+            or norm._forward_pre_hooks
+            or max(in_proj.weight.numel(), out_proj.weight.numel()) > FUSED_MAX_WEIGHTS
+        ):
+            return None
+        tensors = [in_proj.weight, out_proj.weight, norm.weight, conv.weight, self.A_log, self.dt_bias, self.D]
+        tensors += [t for t in (in_proj.bias, out_proj.bias, conv.bias) if t is not None]
+        if any(t.dtype != torch.float32 for t in tensors):
+            return None
+        eps = norm.variance_epsilon
+        return derived_from_weights(self, tensors, lambda detached: self._derive(eps), (eps,))
+
+    def _derive(self, eps: float) -> _KeptTensors:
+        in_proj, out_proj, norm, conv = self.in_proj, self.out_proj, self.norm, self.conv1d
+        group_width = self.intermediate_size // self.n_groups
+        # RMSNorm as x / hypot(|x|, sqrt(D eps)) times sqrt(D) * weight (see `ops_norm.scaled_unit_rows`)
+        output_projection = (out_proj.weight * (norm.weight * math.sqrt(group_width))).t().contiguous()
+        return _KeptTensors(
+            projection=in_proj.weight.t().contiguous(),
+            projection_bias=None if in_proj.bias is None else in_proj.bias.clone(),
+            conv_taps=conv.weight[:, 0].t().contiguous(),
+            conv_bias=None if conv.bias is None else conv.bias.clone(),
+            A=-torch.exp(self.A_log),
+            dt_bias=self.dt_bias.clone(),
+            D=self.D.view(self.n_groups, -1, 1, 1).clone(),
+            norm_eps_root=torch.tensor(math.sqrt(group_width * eps), device=self.D.device),
+            output_projection=output_projection,
+            output_bias=None if out_proj.bias is None else out_proj.bias.clone(),
+        )
+
+
+class _KeptTensors(NamedTuple):
+    projection: torch.Tensor  # [hidden, z | xBC | dt]: in_proj's weight transposed
+    projection_bias: torch.Tensor | None
+    conv_taps: torch.Tensor  # [K, conv_dim]
+    conv_bias: torch.Tensor | None
+    A: torch.Tensor  # [H]: -exp(A_log)
+    dt_bias: torch.Tensor  # [H]
+    D: torch.Tensor  # [G, H / G, 1, 1]
+    norm_eps_root: torch.Tensor  # sqrt(group width * eps) of the output norm
+    output_projection: torch.Tensor  # [H P, hidden]: out_proj's weight times the norm's (and sqrt(group width))
+    output_bias: torch.Tensor | None

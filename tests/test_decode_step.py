@@ -8,6 +8,7 @@ from torch import nn
 
 from hybridzoo import HybridForCausalLM
 from hybridzoo.modeling.block_gated_deltanet import HybridGatedDeltaNet
+from hybridzoo.modeling.block_mamba2 import HybridMamba2
 from hybridzoo.modeling.layers import HybridMLP, plain_linears
 from tiny_models import tiny_config
 
@@ -224,3 +225,55 @@ def test_attention_decode_step_is_skipped_for_hooked_modules(hooked):
     fast = logits_step_by_step(model, prompt, 3, fast=True)
     assert "_derived_from_weights" not in attention.__dict__
     torch.testing.assert_close(fast, logits_step_by_step(model, prompt, 3, fast=False), atol=1e-5, rtol=1e-5)
+
+
+MAMBA2_VARIANTS = {
+    "grouped B, C": {},  # tiny_config: 10 heads of 6 sharing B, C in 2 groups
+    "one group, biases, dt limits": {
+        "mamba_n_groups": 1,
+        "mamba_proj_bias": True,
+        "mamba_dt_min_limit": 0.01,
+        "mamba_dt_max_limit": 0.05,
+    },
+    "no conv bias": {"mamba_conv_bias": False},
+}
+
+
+def stepped_like_full(block, x: torch.Tensor, prompt: int):
+    """(outputs, state) of the block over all of `x`, and over `x[:, :prompt]` then one token at a time."""
+    with torch.no_grad():
+        full = block(x)
+        first, state = block(x[:, :prompt])
+        pieces = [first]
+        for t in range(prompt, x.shape[1]):
+            y, state = block(x[:, t : t + 1], state)
+            pieces.append(y)
+    return full, (torch.cat(pieces, dim=1), state)
+
+
+@pytest.mark.parametrize("variant", sorted(MAMBA2_VARIANTS))
+def test_mamba2_decode_step_equals_forward(variant):
+    torch.manual_seed(0)
+    block = HybridMamba2(tiny_config("D", **MAMBA2_VARIANTS[variant])).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases, D away from 1
+        for name, parameter in block.named_parameters():
+            if name in ("norm.weight", "D") or name.endswith("bias") and name != "dt_bias":
+                parameter.normal_(1.0 if name == "D" else 0.0, 0.5)
+    (full, (full_conv, full_ssm)), (stepped, (conv, ssm)) = stepped_like_full(block, torch.randn(2, 9, 32), prompt=5)
+    assert "_derived_from_weights" in block.__dict__  # the step ran
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv, full_conv)
+    torch.testing.assert_close(ssm, full_ssm, atol=1e-5, rtol=1e-5)
+    block.norm.variance_epsilon = 0.3  # a setting the kept form depends on: rebuilt
+    (full, _), (stepped, _) = stepped_like_full(block, torch.randn(2, 7, 32), prompt=5)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hooked", ["in_proj", "out_proj", "norm"])
+def test_mamba2_decode_step_is_skipped_for_hooked_modules(hooked):
+    torch.manual_seed(0)
+    block = HybridMamba2(tiny_config("D")).eval()
+    getattr(block, hooked).register_forward_hook(lambda module, args, output: output * 2)
+    (full, _), (stepped, _) = stepped_like_full(block, torch.randn(2, 7, 32), prompt=5)
+    assert "_derived_from_weights" not in block.__dict__
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
