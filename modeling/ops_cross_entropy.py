@@ -45,10 +45,24 @@ def _loss_sum_and_grads(
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         if bias is not None:
             grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device)
+    # one logits and one log-prob buffer for every chunk: a fresh [chunk, V] tensor per chunk is fresh memory from the
+    # system each time (tens of MB, page-faulted in while the GEMM writes it), and those faults do not parallelise
+    buffers = None
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start : start + chunk]
         t = targets[start : start + chunk, None]
-        log_probs = torch.log_softmax(F.linear(h, weight, bias).to(acc), dim=-1)
+        if hidden.dtype == acc:
+            if buffers is None:
+                rows = min(chunk, hidden.shape[0])
+                buffers = (hidden.new_empty(rows, weight.shape[0]), hidden.new_empty(rows, weight.shape[0]))
+            logits, log_probs = buffers[0][: h.shape[0]], buffers[1][: h.shape[0]]
+            if bias is None:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, h, weight.t(), out=logits)
+            log_probs = torch.log_softmax(logits, dim=-1, out=log_probs)
+        else:
+            log_probs = torch.log_softmax(F.linear(h, weight, bias).to(acc), dim=-1)
         picked = log_probs.gather(1, t)
         loss -= picked.sum()
         if not need_grads:
