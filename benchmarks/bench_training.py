@@ -1,7 +1,8 @@
 """Training throughput: tokens/s of one optimizer step (forward + backward + AdamW) per model and context length.
 
-Every model has the same width, depth and parameter count (the MLP width is adjusted to match the
-qwen3-next-style hybrid's count), batch 1, fp32, random tokens, loss on all of them:
+Every model trains with torch's fused AdamW (as `hybridzoo train` does since 1 Dec 2026) and has the same width, depth
+and parameter count (the MLP width is adjusted to match the qwen3-next-style hybrid's count), batch 1, fp32, random
+tokens, loss on all of them:
 - the zoo's architectures (`configs/zoo.py`, "small" shape unless overridden: hidden 256, 8 layers, 4 heads / 2 KV),
 - `LlamaForCausalLM`, the all-attention baseline,
 - transformers' `Qwen3NextForCausalLM` with a dense MLP (`num_experts=0`), 3 linear : 1 full attention and the
@@ -157,7 +158,7 @@ def memory_child(args: argparse.Namespace) -> None:
     model = models[HEADLINE if name == PLAIN else name]
     del models
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer runs it
     training_step(model, optimizer, torch.randint(0, args.vocab, (args.batch, 16)), name == PLAIN)()
     tokens = torch.randint(0, args.vocab, (args.batch, max(args.lengths)), generator=torch.Generator().manual_seed(0))
     print(f"PEAK_BYTES {peak_memory_of(training_step(model, optimizer, tokens, name == PLAIN))}", flush=True)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     steppers = {}
     for name, model in models.items():
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer runs it
         steppers[name] = (model, optimizer, name == PLAIN)
         warm = torch.randint(0, args.vocab, (args.batch, min(args.lengths)))
         training_step(model, optimizer, warm, name == PLAIN)()  # allocator, optimizer state, lazy inits

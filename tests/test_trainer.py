@@ -4,6 +4,7 @@ an interrupted save, and task data drawn by the one seed rule."""
 import json
 import math
 import shutil
+from types import SimpleNamespace
 
 import accelerate.accelerator
 import pytest
@@ -17,7 +18,14 @@ from hybridzoo.configs.zoo import task_model_fields
 from hybridzoo.data.tasks import make_task
 from hybridzoo.recipes.data import pack_documents, prepare_data
 from hybridzoo.recipes.recipe import RecipeError, load_recipe
-from hybridzoo.recipes.trainer import PROGRESS_FILE, LanguageModelLoss, build_model, list_checkpoints, train
+from hybridzoo.recipes.trainer import (
+    PROGRESS_FILE,
+    LanguageModelLoss,
+    build_model,
+    build_optimizer,
+    list_checkpoints,
+    train,
+)
 from tiny_models import tiny_config
 
 MQAR = {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4}
@@ -164,3 +172,27 @@ def test_task_mixture_takes_turns_and_batch_i_comes_from_seed_times_1000003_plus
 def test_task_mixture_mistakes_name_the_key(tmp_path, data, expected):
     with pytest.raises(RecipeError, match=expected):
         load_recipe(task_recipe(tmp_path, data=data))
+
+
+def test_the_fused_optimizer_takes_the_default_adamw_steps():
+    """The trainer's AdamW (fused kernel, decay on matrices only) against torch's default per-tensor AdamW with the
+    same two groups: the same weights after a few steps within float32 rounding, and norms untouched by decay."""
+    torch.manual_seed(0)
+    fused_model = HybridForCausalLM(tiny_config("GA"))
+    reference_model = HybridForCausalLM(tiny_config("GA"))
+    reference_model.load_state_dict(fused_model.state_dict())
+    train = SimpleNamespace(weight_decay=0.1, lr=1e-2, betas=[0.9, 0.95])
+    fused = build_optimizer(list(fused_model.parameters()), train, fused=True)
+    matrices = [p for p in reference_model.parameters() if p.ndim >= 2]
+    vectors = [p for p in reference_model.parameters() if p.ndim < 2]
+    reference = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.95))
+    assert fused.defaults["fused"]
+    tokens = torch.randint(3, 64, (2, 12))
+    for _ in range(3):
+        for model, optimizer in ((fused_model, fused), (reference_model, reference)):
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, got), expected in zip(fused_model.named_parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5, msg=name)
