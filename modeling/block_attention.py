@@ -216,7 +216,6 @@ class HybridAttention(HybridBlock):
             attn_output = attn_output * torch.sigmoid(gate)
         return self.o_proj(attn_output), attn_weights
 
-
     @torch.no_grad()
     def _decode_step(
         self,
@@ -285,9 +284,7 @@ class HybridAttention(HybridBlock):
     def _derive(self, projections: tuple[nn.Linear, ...], norms: tuple[HybridRMSNorm, ...]) -> _KeptProjections:
         heads, dim = self.config.num_attention_heads, self.head_dim
         q_proj, k_proj, v_proj, o_proj = (p.weight.detach() for p in projections)
-        q_bias, k_bias, v_bias, o_bias = (
-            None if p.bias is None else p.bias.detach() for p in projections
-        )
+        q_bias, k_bias, v_bias, o_bias = (None if p.bias is None else p.bias.detach() for p in projections)
 
         def rows(query_rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
             """q_proj's rows (or bias) as (queries, gates): per head `[query | gate]` with the output gate."""
