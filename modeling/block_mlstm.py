@@ -31,11 +31,15 @@ The whole-model map (logit soft-cap, norm and MLP biases, the fused weight layou
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import transformers.initialization as init
 from torch import nn
+from torch.nn import functional as F
 
 from .block_base import BlockField, HybridBlock, is_bool, is_int_or_none, is_positive_int, is_positive_number, one_of
+from .layers import FUSED_MAX_WEIGHTS, derived_from_weights, plain_linears
 from .ops_mlstm import mlstm
 
 
@@ -171,6 +175,18 @@ class HybridMLSTM(HybridBlock):
         where a new document starts.
         """
         batch, length, _ = hidden_states.shape
+        if (
+            length == 1
+            and state is not None
+            and mask is None
+            and reset is None
+            and not torch.is_grad_enabled()
+            and hidden_states.dtype == torch.float32
+            and all(s.dtype == torch.float32 for s in state)
+        ):
+            kept = self._kept_tensors()
+            if kept is not None:
+                return self._decode_step(hidden_states, state, kept)
         query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_qk_dim)
         key = self.k_proj(hidden_states).view(batch, length, self.num_heads, self.head_qk_dim)
         value = self.v_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim)
@@ -194,6 +210,90 @@ class HybridMLSTM(HybridBlock):
         output = self.norm(output) * torch.sigmoid(self.ogate_proj(hidden_states))
         return self.o_proj(output), state
 
+    @torch.no_grad()
+    def _decode_step(
+        self, hidden_states: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor, torch.Tensor], kept: _KeptTensors
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One float32 token `[B, 1, hidden]` from a cached (C, n, m), without autograd: the step of
+        `ops_mlstm.recurrent_mlstm` with the six input projections as one GEMM on a kept, transposed weight (q's
+        `Dk ** -0.5` folded in), both gates soft-capped as one tensor, the head norm as `F.layer_norm` and its weight
+        folded into the kept o_proj (decoding a small model is bound by per-op overhead)."""
+        batch = hidden_states.shape[0]
+        heads, dk, dv = self.num_heads, self.head_qk_dim, self.head_v_dim
+        c, n, m = state
+        projected = torch.addmm(kept.bias, hidden_states.view(batch, -1), kept.projection)
+        widths = [self.qk_dim, self.qk_dim, self.v_dim, self.v_dim, 2 * heads]
+        query, key, value, ogate, gates = projected.split(widths, dim=-1)
+        gates = soft_cap(gates, self.gate_soft_cap)
+        log_i, log_f = gates[:, :heads], F.logsigmoid(gates[:, heads:])  # [B, H]
+        if self.input_gate == "exp":
+            m_new = torch.maximum(log_f + m, log_i)  # the max-state stabiliser
+        else:
+            log_i, m, m_new = F.logsigmoid(log_i), torch.zeros_like(m), torch.zeros_like(m)
+        f_act = torch.exp(log_f + m - m_new).view(batch, heads, 1)
+        i_act = torch.exp(log_i - m_new).view(batch, heads, 1)
+        query, key = query.view(batch, heads, dk), key.view(batch, heads, dk)
+        scaled_key = key * i_act
+        c = torch.addcmul(c * f_act.unsqueeze(-1), scaled_key.unsqueeze(-1), value.view(batch, heads, 1, dv))
+        n = torch.addcmul(n * f_act, key, i_act)
+        numerator = torch.matmul(query.unsqueeze(-2), c)  # [B, H, 1, Dv]
+        denominator = torch.maximum(torch.linalg.vecdot(query, n).abs(), torch.exp(-m_new)) + self.eps
+        output = numerator.view(batch, heads, dv) / denominator.unsqueeze(-1)
+        # head LayerNorm, output gate, o_proj (the norm's weight folded into o_proj when it has no bias)
+        output = F.layer_norm(output, (dv,), None, None, kept.norm_eps).view(batch, -1)
+        if kept.norm_weight is not None:
+            output = torch.addcmul(kept.norm_bias, output, kept.norm_weight)
+        output = output.mul_(torch.sigmoid(ogate))
+        if kept.output_bias is None:
+            output = torch.matmul(output, kept.output_projection)
+        else:
+            output = torch.addmm(kept.output_bias, output, kept.output_projection)
+        return output.view(batch, 1, -1), (c, n, m_new)
+
+    def _kept_tensors(self) -> _KeptTensors | None:
+        """What `_decode_step` derives from the weights (`derived_from_weights`: kept between calls, rebuilt when a
+        weight changes), or None where it must not run: wrapped or hooked projections or norm (PEFT, accelerate),
+        weights other than float32, or projections over `FUSED_MAX_WEIGHTS`."""
+        modules = self._modules
+        projections = tuple(modules[name] for name in _INPUT_PROJECTIONS)
+        o_proj, norm = modules["o_proj"], modules["norm"]
+        if (
+            not plain_linears((*projections, o_proj))
+            or type(norm) is not HybridMultiHeadLayerNorm
+            or norm._forward_hooks
+            or norm._forward_pre_hooks
+            or sum(p.weight.numel() for p in projections) > FUSED_MAX_WEIGHTS
+            or o_proj.weight.numel() > FUSED_MAX_WEIGHTS
+        ):
+            return None
+        tensors = [module.weight for module in (*projections, o_proj, norm)]
+        tensors += [module.bias for module in (*projections, o_proj, norm) if module.bias is not None]
+        if any(t.dtype != torch.float32 for t in tensors):
+            return None
+        eps = norm.variance_epsilon
+        return derived_from_weights(self, tensors, lambda detached: self._derive(eps), (eps,))
+
+    def _derive(self, eps: float) -> _KeptTensors:
+        projections = [self._modules[name] for name in _INPUT_PROJECTIONS]
+        scales = [self.head_qk_dim**-0.5, 1.0, 1.0, 1.0, 1.0, 1.0]  # q's attention-style scale, folded in
+        weight = torch.cat([p.weight * scale for p, scale in zip(projections, scales, strict=True)])
+        bias = torch.cat(
+            [p.bias * scale if p.bias is not None else p.weight.new_zeros(p.out_features)
+             for p, scale in zip(projections, scales, strict=True)]
+        )
+        norm, o_proj = self.norm, self.o_proj
+        fold = norm.bias is None  # (LN(h) w) * sigmoid(og) = (LN(h) * sigmoid(og)) w: w goes into o_proj's columns
+        output_projection = (o_proj.weight * norm.weight if fold else o_proj.weight).t().contiguous()
+        return _KeptTensors(
+            projection=weight.t().contiguous(),
+            bias=bias,
+            norm_eps=eps,
+            norm_weight=None if fold else norm.weight.clone(),
+            norm_bias=None if fold else norm.bias.clone(),
+            output_projection=output_projection,
+            output_bias=None if o_proj.bias is None else o_proj.bias.clone(),
+        )
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sequence shapes of the carried state (without the batch dim); all float32."""
         return {
@@ -201,3 +301,17 @@ class HybridMLSTM(HybridBlock):
             "n": (self.num_heads, self.head_qk_dim),
             "m": (self.num_heads,),
         }
+
+
+# q, k, v, the output gate, then the input and forget gates side by side (soft-capped as one tensor in the step)
+_INPUT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "ogate_proj", "igate_proj", "fgate_proj")
+
+
+class _KeptTensors(NamedTuple):
+    projection: torch.Tensor  # [hidden, 2 qk_dim + 2 v_dim + 2 H]: the six input projections, q scaled by Dk^-1/2
+    bias: torch.Tensor  # their biases (zeros where a projection has none)
+    norm_eps: float
+    norm_weight: torch.Tensor | None  # the head norm's weight and bias when it has a bias (else folded into o_proj)
+    norm_bias: torch.Tensor | None
+    output_projection: torch.Tensor  # [v_dim, hidden]: o_proj's weight (times the norm's), transposed
+    output_bias: torch.Tensor | None

@@ -1,6 +1,6 @@
-"""The no-autograd fast paths of decoding equal the general forward: the Gated DeltaNet block's single-token step and
-the gated MLP's fused GEMM; the weights they keep in derived form follow every change of the weights, and wrapped or
-hooked modules are never bypassed."""
+"""The no-autograd fast paths of decoding equal the general forward: the single-token steps of the Gated DeltaNet,
+attention, Mamba-2 and mLSTM blocks and the gated MLP's fused GEMM; the weights they keep in derived form follow every
+change of the weights (and of the settings they read), and wrapped or hooked modules are never bypassed."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from torch import nn
 from hybridzoo import HybridForCausalLM
 from hybridzoo.modeling.block_gated_deltanet import HybridGatedDeltaNet
 from hybridzoo.modeling.block_mamba2 import HybridMamba2
+from hybridzoo.modeling.block_mlstm import HybridMLSTM
 from hybridzoo.modeling.layers import HybridMLP, plain_linears
 from tiny_models import tiny_config
 
@@ -273,6 +274,42 @@ def test_mamba2_decode_step_equals_forward(variant):
 def test_mamba2_decode_step_is_skipped_for_hooked_modules(hooked):
     torch.manual_seed(0)
     block = HybridMamba2(tiny_config("D")).eval()
+    getattr(block, hooked).register_forward_hook(lambda module, args, output: output * 2)
+    (full, _), (stepped, _) = stepped_like_full(block, torch.randn(2, 7, 32), prompt=5)
+    assert "_derived_from_weights" not in block.__dict__
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+MLSTM_VARIANTS = {
+    "exp gate (xLSTM-7B)": {},
+    "sigmoid gate": {"mlstm_input_gate": "sigmoid"},
+    "biases, no soft cap": {"mlstm_use_bias": True, "mlstm_gate_soft_cap": None},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(MLSTM_VARIANTS))
+def test_mlstm_decode_step_equals_forward(variant):
+    torch.manual_seed(0)
+    block = HybridMLSTM(tiny_config("M", **MLSTM_VARIANTS[variant])).eval()
+    with torch.no_grad():  # gates that write and forget noticeably, a non-trivial head norm
+        block.igate_proj.bias.normal_(0.0, 1.0)
+        block.fgate_proj.bias.normal_(2.0, 1.0)
+        for name, parameter in block.norm.named_parameters():
+            parameter.normal_(1.0 if name == "weight" else 0.0, 0.5)
+    (full, full_state), (stepped, state) = stepped_like_full(block, torch.randn(2, 9, 32), prompt=5)
+    assert "_derived_from_weights" in block.__dict__  # the step ran
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+    for got, expected in zip(state, full_state, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    block.norm.variance_epsilon = 0.3  # a setting the kept form depends on: rebuilt
+    (full, _), (stepped, _) = stepped_like_full(block, torch.randn(2, 7, 32), prompt=5)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hooked", ["q_proj", "fgate_proj", "norm", "o_proj"])
+def test_mlstm_decode_step_is_skipped_for_hooked_modules(hooked):
+    torch.manual_seed(0)
+    block = HybridMLSTM(tiny_config("M")).eval()
     getattr(block, hooked).register_forward_hook(lambda module, args, output: output * 2)
     (full, _), (stepped, _) = stepped_like_full(block, torch.randn(2, 7, 32), prompt=5)
     assert "_derived_from_weights" not in block.__dict__
