@@ -20,6 +20,7 @@ State per sequence: the conv window `[K - 1, width]` and `h` `[width]` (float32)
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import transformers.initialization as init
@@ -35,7 +36,7 @@ from .block_base import (
     require_divisible,
     require_positive_ints,
 )
-from .layers import init_short_conv_
+from .layers import FUSED_MAX_WEIGHTS, derived_from_weights, init_short_conv_, plain_linears
 from .ops_conv import causal_conv1d
 from .ops_rglru import linear_recurrence
 
@@ -182,6 +183,18 @@ class HybridRGLRU(HybridBlock):
         multiplier 1); a call with one continues it. Returns `(y [B, T, hidden], new_state)`.
         """
         conv_state, h = state if state is not None else (None, None)
+        if (
+            hidden_states.shape[1] == 1
+            and conv_state is not None
+            and h is not None
+            and mask is None
+            and reset is None
+            and not torch.is_grad_enabled()
+            and hidden_states.dtype == conv_state.dtype == h.dtype == torch.float32
+        ):
+            kept = self._kept_tensors()
+            if kept is not None:
+                return self._decode_step(hidden_states, conv_state, h, kept)
         gate = F.gelu(self.linear_y(hidden_states), approximate="tanh")
         u = self.linear_x(hidden_states)
         u, conv_state = causal_conv1d(
@@ -201,6 +214,80 @@ class HybridRGLRU(HybridBlock):
         y = self.out_proj(states.to(hidden_states.dtype) * gate)
         return y, (conv_state, h)
 
+    @torch.no_grad()
+    def _decode_step(
+        self, hidden_states: torch.Tensor, conv_state: torch.Tensor, h: torch.Tensor, kept: _KeptTensors
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One float32 token `[B, 1, hidden]` continuing a sequence, without autograd: `forward`'s function with both
+        branches as one GEMM and both block-diagonal gates as one batched product per head, on weights kept between
+        calls (decoding a small model is bound by per-op overhead, not arithmetic)."""
+        batch = hidden_states.shape[0]
+        heads, head_dim = self.num_heads, self.head_dim
+        projected = torch.addmm(kept.bias, hidden_states.view(batch, -1), kept.projection)  # [B, y | x]
+        gate_branch, u = projected.split([self.width, self.width], dim=-1)
+        window = torch.cat([conv_state, u.unsqueeze(1)], dim=1)  # [B, K, W]: the conv over (state, token)
+        u = (window * kept.conv_taps).sum(1)
+        if kept.conv_bias is not None:
+            u += kept.conv_bias
+        # r | i for every head at once: [H, B, d] x [H, d, 2d] + bias
+        gates = torch.sigmoid(torch.baddbmm(kept.gate_bias, u.view(batch, heads, head_dim).transpose(0, 1), kept.gates))
+        gates = gates.transpose(0, 1).contiguous()  # [B, H, 2d]
+        log_a = gates[..., :head_dim] * kept.neg_scaled_softplus  # -c r softplus(Lambda)
+        # a continuing sequence: h <- a h + sqrt(1 - a^2) (i x), with 1 - a^2 = -expm1(2 log a)
+        gated_x = torch.expm1(2.0 * log_a).neg_().sqrt_().mul_(gates[..., head_dim:]).view(batch, -1).mul_(u)
+        h = torch.addcmul(gated_x, torch.exp(log_a).view(batch, -1), h)
+        output = h * F.gelu(gate_branch, approximate="tanh")
+        if kept.output_bias is None:
+            output = torch.matmul(output, kept.output_projection)
+        else:
+            output = torch.addmm(kept.output_bias, output, kept.output_projection)
+        return output.view(batch, 1, -1), (window[:, 1:], h)
+
+    def _kept_tensors(self) -> _KeptTensors | None:
+        """What `_decode_step` derives from the weights (`derived_from_weights`: kept between calls, rebuilt when a
+        weight changes), or None where it must not run: wrapped or hooked projections (PEFT, accelerate), weights
+        other than float32, or projections over `FUSED_MAX_WEIGHTS`."""
+        modules = self._modules
+        linears = (modules["linear_y"], modules["linear_x"], modules["out_proj"])
+        if not plain_linears(linears) or 2 * linears[0].weight.numel() > FUSED_MAX_WEIGHTS:
+            return None
+        tensors = [t for module in (*linears, modules["conv1d"]) for t in (module.weight, module.bias) if t is not None]
+        tensors += [self.a_gate_weight, self.a_gate_bias, self.x_gate_weight, self.x_gate_bias, self.a_param]
+        if any(t.dtype != torch.float32 for t in tensors):
+            return None
+        return derived_from_weights(self, tensors, lambda detached: self._derive())
+
+    def _derive(self) -> _KeptTensors:
+        linear_y, linear_x, out_proj, conv = self.linear_y, self.linear_x, self.out_proj, self.conv1d
+
+        def bias(linear: nn.Linear) -> torch.Tensor:
+            return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
+
+        heads, head_dim = self.num_heads, self.head_dim
+        return _KeptTensors(
+            projection=torch.cat([linear_y.weight, linear_x.weight]).t().contiguous(),
+            bias=torch.cat([bias(linear_y), bias(linear_x)]),
+            conv_taps=conv.weight[:, 0].t().contiguous(),
+            conv_bias=None if conv.bias is None else conv.bias.clone(),
+            gates=torch.cat([self.a_gate_weight, self.x_gate_weight], dim=-1),  # [H, d, 2d]
+            gate_bias=torch.cat([self.a_gate_bias, self.x_gate_bias], dim=-1).unsqueeze(1),  # [H, 1, 2d]
+            neg_scaled_softplus=(-GATE_SCALE * F.softplus(self.a_param)).view(heads, head_dim),
+            output_projection=out_proj.weight.t().contiguous(),
+            output_bias=None if out_proj.bias is None else out_proj.bias.clone(),
+        )
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sequence shapes of the carried state (without the batch dim); `h` is float32."""
         return {"conv": (self.conv_kernel_size - 1, self.width), "recurrent": (self.width,)}
+
+
+class _KeptTensors(NamedTuple):
+    projection: torch.Tensor  # [hidden, 2 W]: linear_y | linear_x, transposed
+    bias: torch.Tensor  # [2 W]
+    conv_taps: torch.Tensor  # [K, W]
+    conv_bias: torch.Tensor | None
+    gates: torch.Tensor  # [H, d, 2 d]: the recurrence and input gates' block-diagonal weights side by side
+    gate_bias: torch.Tensor  # [H, 1, 2 d]
+    neg_scaled_softplus: torch.Tensor  # [H, d]: -c softplus(Lambda)
+    output_projection: torch.Tensor  # [W, hidden]
+    output_bias: torch.Tensor | None

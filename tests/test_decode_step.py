@@ -1,6 +1,7 @@
 """The no-autograd fast paths of decoding equal the general forward: the single-token steps of the Gated DeltaNet,
-attention, Mamba-2 and mLSTM blocks and the gated MLP's fused GEMM; the weights they keep in derived form follow every
-change of the weights (and of the settings they read), and wrapped or hooked modules are never bypassed."""
+attention, Mamba-2, mLSTM and RG-LRU blocks and the gated MLP's fused GEMM; the weights they keep in derived form
+follow every change of the weights (and of the settings they read), and wrapped or hooked modules are never
+bypassed."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hybridzoo import HybridForCausalLM
 from hybridzoo.modeling.block_gated_deltanet import HybridGatedDeltaNet
 from hybridzoo.modeling.block_mamba2 import HybridMamba2
 from hybridzoo.modeling.block_mlstm import HybridMLSTM
+from hybridzoo.modeling.block_rglru import HybridRGLRU
 from hybridzoo.modeling.layers import HybridMLP, plain_linears
 from tiny_models import tiny_config
 
@@ -296,14 +298,29 @@ def test_mlstm_decode_step_equals_forward(variant):
     torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"rglru_num_heads": 2, "rglru_conv_kernel_dim": 2}])
+def test_rglru_decode_step_equals_forward(overrides):
+    torch.manual_seed(0)
+    block = HybridRGLRU(tiny_config("R", **overrides)).eval()
+    with torch.no_grad():  # gate biases away from zero
+        block.a_gate_bias.normal_(0.0, 1.0)
+        block.x_gate_bias.normal_(0.0, 1.0)
+    (full, (full_conv, full_h)), (stepped, (conv, h)) = stepped_like_full(block, torch.randn(3, 9, 32), prompt=5)
+    assert "_derived_from_weights" in block.__dict__  # the step ran
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv, full_conv)
+    torch.testing.assert_close(h, full_h, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("block_class", "pattern", "hooked"),
     [(HybridMamba2, "D", name) for name in ("in_proj", "out_proj", "norm")]
-    + [(HybridMLSTM, "M", name) for name in ("q_proj", "fgate_proj", "norm", "o_proj")],
+    + [(HybridMLSTM, "M", name) for name in ("q_proj", "fgate_proj", "norm", "o_proj")]
+    + [(HybridRGLRU, "R", name) for name in ("linear_y", "linear_x", "out_proj")],
 )
 def test_recurrent_decode_steps_are_skipped_for_hooked_modules(block_class, pattern, hooked):
-    """A forward hook (what PEFT and accelerate attach) on a module the Mamba-2 or mLSTM step would fold away keeps
-    the general path, and the hook runs."""
+    """A forward hook (what PEFT and accelerate attach) on a module the Mamba-2, mLSTM or RG-LRU step would fold
+    away keeps the general path, and the hook runs."""
     torch.manual_seed(0)
     block = block_class(tiny_config(pattern)).eval()
     getattr(block, hooked).register_forward_hook(lambda module, args, output: output * 2)
