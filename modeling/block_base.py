@@ -128,6 +128,27 @@ class HybridBlock(nn.Module):
         """The generation-cache layer holding this block's state (recurrent: the whole state tuple)."""
         return RecurrentStateLayer()
 
+    @staticmethod
+    def is_decode_step(
+        hidden_states: torch.Tensor,
+        state: tuple[torch.Tensor | None, ...] | None,
+        mask: torch.Tensor | None,
+        reset: torch.Tensor | None,
+        float32: bool = True,
+    ) -> bool:
+        """True for the call a recurrent block's single-token fast path serves: one token continuing a cached state,
+        no padding, no document start, autograd off, and (with `float32`) the input and every state tensor in
+        float32, the dtype the fast paths' folded weights are derived for."""
+        return (
+            hidden_states.shape[1] == 1
+            and state is not None
+            and all(t is not None for t in state)
+            and mask is None
+            and reset is None
+            and not torch.is_grad_enabled()
+            and (not float32 or all(t.dtype == torch.float32 for t in (hidden_states, *state)))
+        )
+
 
 __all__ = [
     "BlockField",

@@ -140,8 +140,7 @@ class HybridGatedDeltaNet(HybridBlock):
         where a new document starts.
         """
         batch, length, _ = hidden_states.shape
-        decoding = state is not None and state[0] is not None and state[1] is not None
-        if length == 1 and decoding and mask is None and reset is None and not torch.is_grad_enabled():
+        if self.is_decode_step(hidden_states, state, mask, reset, float32=False):  # the step keeps other dtypes too
             return self._decode_step(hidden_states, state)
         conv_state, recurrent_state = state if state is not None else (None, None)
 

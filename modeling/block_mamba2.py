@@ -34,6 +34,7 @@ from .block_base import (
 from .layers import FUSED_MAX_WEIGHTS, derived_from_weights, init_short_conv_, plain_linears
 from .ops_conv import causal_conv1d
 from .ops_mamba2 import ssd
+from .ops_norm import scaled_unit_rows
 
 
 def is_non_negative_number(value) -> bool:
@@ -197,15 +198,7 @@ class HybridMamba2(HybridBlock):
         """
         batch, length, _ = hidden_states.shape
         conv_state, ssm_state = state if state is not None else (None, None)
-        if (
-            length == 1
-            and conv_state is not None
-            and ssm_state is not None
-            and mask is None
-            and reset is None
-            and not torch.is_grad_enabled()
-            and hidden_states.dtype == conv_state.dtype == ssm_state.dtype == torch.float32
-        ):
+        if self.is_decode_step(hidden_states, state, mask, reset):
             kept = self._kept_tensors()
             if kept is not None:
                 return self._decode_step(hidden_states, conv_state, ssm_state, kept)
@@ -269,7 +262,7 @@ class HybridMamba2(HybridBlock):
         y = torch.matmul(state, C.view(batch, groups, 1, d_state, 1)).addcmul_(x_heads, kept.D)
         # group-wise RMSNorm of y * silu(z), its weight times sqrt(group width) folded into the kept out_proj
         gated = y.view(batch, groups, -1).mul_(F.silu(z).view(batch, groups, -1))
-        gated = gated.div_(torch.hypot(torch.linalg.vector_norm(gated, dim=-1, keepdim=True), kept.norm_eps_root))
+        gated = scaled_unit_rows(gated, None, kept.norm_eps_root)
         if kept.output_bias is None:
             output = torch.matmul(gated.view(batch, -1), kept.output_projection)
         else:
@@ -302,7 +295,7 @@ class HybridMamba2(HybridBlock):
     def _derive(self, eps: float) -> _KeptTensors:
         in_proj, out_proj, norm, conv = self.in_proj, self.out_proj, self.norm, self.conv1d
         group_width = self.intermediate_size // self.n_groups
-        # RMSNorm as x / hypot(|x|, sqrt(D eps)) times sqrt(D) * weight (see `ops_norm.scaled_unit_rows`)
+        # RMSNorm as x / hypot(|x|, sqrt(D eps)) times sqrt(D) * weight (`ops_norm.scaled_unit_rows`)
         output_projection = (out_proj.weight * (norm.weight * math.sqrt(group_width))).t().contiguous()
         return _KeptTensors(
             projection=in_proj.weight.t().contiguous(),

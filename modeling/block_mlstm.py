@@ -175,15 +175,7 @@ class HybridMLSTM(HybridBlock):
         where a new document starts.
         """
         batch, length, _ = hidden_states.shape
-        if (
-            length == 1
-            and state is not None
-            and mask is None
-            and reset is None
-            and not torch.is_grad_enabled()
-            and hidden_states.dtype == torch.float32
-            and all(s.dtype == torch.float32 for s in state)
-        ):
+        if self.is_decode_step(hidden_states, state, mask, reset):
             kept = self._kept_tensors()
             if kept is not None:
                 return self._decode_step(hidden_states, state, kept)

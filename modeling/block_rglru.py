@@ -183,15 +183,7 @@ class HybridRGLRU(HybridBlock):
         multiplier 1); a call with one continues it. Returns `(y [B, T, hidden], new_state)`.
         """
         conv_state, h = state if state is not None else (None, None)
-        if (
-            hidden_states.shape[1] == 1
-            and conv_state is not None
-            and h is not None
-            and mask is None
-            and reset is None
-            and not torch.is_grad_enabled()
-            and hidden_states.dtype == conv_state.dtype == h.dtype == torch.float32
-        ):
+        if self.is_decode_step(hidden_states, state, mask, reset):
             kept = self._kept_tensors()
             if kept is not None:
                 return self._decode_step(hidden_states, conv_state, h, kept)

@@ -99,7 +99,7 @@ def test_scaled_unit_rows_is_the_rms_norm_and_the_l2_normalisation():
     weight, eps, width = torch.randn(16, dtype=torch.float64), 1e-5, 16
     as_rms = ops_norm.scaled_unit_rows(x, weight * width**0.5, torch.tensor((width * eps) ** 0.5, dtype=torch.float64))
     torch.testing.assert_close(as_rms, plain_rms_norm(x, weight, eps), atol=1e-14, rtol=1e-12)
-    as_l2 = ops_norm.scaled_unit_rows(x, torch.ones((), dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64))
+    as_l2 = ops_norm.scaled_unit_rows(x, None, torch.tensor(1e-3, dtype=torch.float64))  # no scale: 1
     torch.testing.assert_close(as_l2, plain_l2_normalize(x, eps=1e-6), atol=1e-14, rtol=1e-12)
 
 
