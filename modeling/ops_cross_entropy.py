@@ -4,9 +4,11 @@ A causal LM's training loss is `cross_entropy(h W^T, labels)`. At 8k tokens and 
 1 GB, written by the head, read and written again by log-softmax, its backward and the head's backward. Here the
 tokens are processed in chunks of a few hundred: a chunk's logits are turned into their log-softmax, its loss is
 summed, and because the loss is a scalar the gradient of the chunk's logits (`softmax - onehot`) is known at once, so
-the two backward GEMMs (`dh = dlogits W`, `dW += dlogits^T h`) also run during the forward. The backward then only
-scales the stored `dh`, `dW` by the incoming scalar gradient. Same three GEMMs as the plain path, a chunk of logits
-in memory instead of all of them. Ignored tokens (`ignore_index`) are dropped before the head and cost nothing.
+the two backward GEMMs (`dh = dlogits W`, `dW += dlogits^T h`) also run during the forward, with the loss's
+`1 / denominator` as their `alpha`. The backward then only scales the stored `dh`, `dW` by the incoming scalar
+gradient, and hands them on untouched when it is 1 (`loss.backward()`): `dW` is `[V, H]`, a whole-tensor pass and
+fresh memory per step otherwise. Same three GEMMs as the plain path, a chunk of logits in memory instead of all of
+them. Ignored tokens (`ignore_index`) are dropped before the head and cost nothing.
 """
 
 from __future__ import annotations
@@ -33,16 +35,20 @@ def _loss_sum_and_grads(
     targets: torch.Tensor,
     chunk: int,
     need_grads: bool,
+    grad_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Summed cross-entropy of `hidden @ weight^T (+ bias)` against `targets` (none ignored), and if `need_grads` the
-    gradients of that sum w.r.t. hidden (its dtype), weight and bias (float32). One dtype for all inputs."""
+    gradients of `grad_scale` times that sum w.r.t. hidden (its dtype), weight and bias (float32). One dtype for all
+    inputs."""
     # float32 softmax and accumulators (float64 for float64 inputs), whatever the GEMMs' dtype
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     loss = torch.zeros((), dtype=acc, device=hidden.device)
     grad_hidden = grad_weight = grad_bias = None
     if need_grads:
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        # in full precision the first chunk's GEMM writes it (beta = 0) and the others accumulate into it
+        written = hidden.dtype == acc and hidden.shape[0] > 0
+        grad_weight = (torch.empty if written else torch.zeros)(weight.shape, dtype=acc, device=weight.device)
         if bias is not None:
             grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device)
     # one logits and one log-prob buffer for every chunk: a fresh [chunk, V] tensor per chunk is fresh memory from the
@@ -70,14 +76,15 @@ def _loss_sum_and_grads(
         # d(-log_softmax(x)[t]) / dx = softmax(x) - onehot(t)
         grad_logits = log_probs.exp_().scatter_add_(1, t, torch.full_like(picked, -1.0))
         if grad_bias is not None:
-            grad_bias += grad_logits.sum(0)
+            grad_bias.add_(grad_logits.sum(0), alpha=grad_scale)
+        rows = grad_hidden[start : start + chunk]
         if hidden.dtype == acc:
-            torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk])
-            grad_weight.addmm_(grad_logits.mT, h)
+            torch.addmm(rows, grad_logits, weight, beta=0.0, alpha=grad_scale, out=rows)
+            grad_weight.addmm_(grad_logits.mT, h, beta=float(start > 0), alpha=grad_scale)
         else:  # low-precision GEMMs like the plain path's, accumulated in float32
             grad_logits = grad_logits.to(hidden.dtype)
-            torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk])
-            grad_weight += torch.mm(grad_logits.mT, h)
+            torch.addmm(rows, grad_logits, weight, beta=0.0, alpha=grad_scale, out=rows)
+            grad_weight.add_(torch.mm(grad_logits.mT, h), alpha=grad_scale)
     return loss, grad_hidden, grad_weight, grad_bias
 
 
@@ -86,22 +93,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, denominator, chunk):
+        # the mean's 1 / denominator goes into the gradient GEMMs (no later pass over them); a host value already:
+        # finding the non-ignored labels synchronised with the device
+        count = denominator.item()
+        grad_scale = 1.0 / count if count else float("inf")  # no items: 0 / 0, as the plain path's mean
         loss_sum, grad_hidden, grad_weight, grad_bias = _loss_sum_and_grads(
-            hidden, weight, bias, targets, chunk, need_grads=True
+            hidden, weight, bias, targets, chunk, need_grads=True, grad_scale=grad_scale
         )
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, denominator)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtype = weight.dtype
         return loss_sum / denominator
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight, grad_bias, denominator = ctx.saved_tensors
-        scale = grad_loss / denominator
-        d_hidden = grad_hidden * scale.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        d_weight = (grad_weight * scale).to(ctx.dtype) if ctx.needs_input_grad[1] else None
-        d_bias = (grad_bias * scale).to(ctx.dtype) if grad_bias is not None and ctx.needs_input_grad[2] else None
-        return d_hidden, d_weight, d_bias, None, None, None
+        # `loss.backward()`: the stored gradients are the answer (autograd copies them if the graph is kept)
+        unscaled = bool(grad_loss == 1)
+        grads = []
+        for stored, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], strict=True):
+            if stored is None or not needed:
+                grads.append(None)
+            elif unscaled:
+                grads.append(stored.to(ctx.dtype))
+            else:
+                grads.append((stored * grad_loss.to(stored.dtype)).to(ctx.dtype))
+        return *grads, None, None, None
 
 
 def chunked_linear_cross_entropy(

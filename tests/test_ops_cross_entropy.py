@@ -32,7 +32,7 @@ def _loss_and_grads(loss_fn, h, w, b):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk_tokens", [5, 1000])
-@pytest.mark.parametrize("num_items", [None, 91])
+@pytest.mark.parametrize("num_items", [None, 91, torch.tensor(91)])  # transformers' Trainer passes a tensor
 def test_matches_plain_cross_entropy(dtype, bias, chunk_tokens, num_items):
     h, w, b, labels = _inputs(dtype, bias)
 
@@ -132,3 +132,32 @@ def test_soft_capped_logits_keep_the_plain_loss():
     out = model(input_ids=input_ids, labels=input_ids)
     assert out.logits is not None  # the chunked head has no soft-capping: the plain path runs
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_scaled_upstream_gradient_and_kept_graph():
+    """The gradients are handed on untouched only for an upstream gradient of exactly 1: a loss scaled or summed with
+    others, and a second backward through a kept graph, still get the plain path's gradients."""
+    h, w, b, labels = _inputs(torch.float64, bias=True)
+    leaves = [h, w, b]
+
+    def plain():
+        return F.cross_entropy(F.linear(h, w, b).flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def chunked():
+        return chunked_linear_cross_entropy(h, w, labels, bias=b, chunk_tokens=8)
+
+    for combine in (lambda loss: 3.0 * loss, lambda loss: loss + (h**2).sum()):
+        expected = torch.autograd.grad(combine(plain()), leaves)
+        actual = torch.autograd.grad(combine(chunked()), leaves)
+        for x, y in zip(actual, expected, strict=True):
+            torch.testing.assert_close(x, y)
+
+    loss = chunked()
+    loss.backward(retain_graph=True)
+    once = [x.grad.clone() for x in leaves]
+    loss.backward()  # accumulates: the stored gradients must not have been consumed in place by the first call
+    for x, first in zip(leaves, once, strict=True):
+        torch.testing.assert_close(x.grad, 2 * first)
+    expected = torch.autograd.grad(plain(), leaves)
+    for first, y in zip(once, expected, strict=True):
+        torch.testing.assert_close(first, y)
