@@ -71,10 +71,19 @@ class HybridLSTM(HybridBlock):
             keep = (~reset[:, :1]).to(h.dtype)
             h, c, reset = h * keep, c * keep, None
         if mask is None and reset is None:
-            output, (h, c) = self.lstm(hidden_states, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
-            h, c = h.squeeze(0), c.squeeze(0)
+            output, h, c = self._fused(hidden_states, h, c)
         else:
             lstm = self.lstm
             bias = lstm.bias_ih_l0 + lstm.bias_hh_l0
             output, h, c = lstm_loop(hidden_states, lstm.weight_ih_l0, lstm.weight_hh_l0, bias, h, c, mask, reset)
         return self.o_proj(output), (h, c)
+
+    def _fused(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`nn.LSTM` over whole sequences: (output, h, c). Under CPU autocast the cell runs in float32, as the other
+        blocks' recurrences do: autocast would hand oneDNN's LSTM bfloat16 inputs beside float32 weights, which it
+        rejects on CPUs without native bfloat16 ("could not create a primitive descriptor", seen on AVX2 only)."""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self._fused(x.float(), h.float(), c.float())
+        output, (h, c) = self.lstm(x, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
+        return output, h.squeeze(0), c.squeeze(0)
